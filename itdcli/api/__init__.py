@@ -1,0 +1,1 @@
+"""One library function behind each command, returning typed pydantic results."""

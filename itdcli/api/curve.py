@@ -1,0 +1,82 @@
+"""`itdcli.curve`: the ε-MSE versus logSNR figure, from saved runs or by computing them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from itdcli.api import records
+from itdcli.api.results import CurveResult, NllResult
+from itdcli.errors import ItdError
+
+FORMATS = (".pdf", ".png", ".svg")
+
+
+def _check_figure_path(out: Path, overwrite: bool) -> None:
+    """A supported suffix, not an existing file unless `overwrite`, in a writable folder."""
+    if out.suffix.lower() not in FORMATS:
+        raise ItdError(f"cannot tell the figure format of '{out}': end --out with .pdf, .png or .svg")
+    if out.exists() and not overwrite:
+        raise ItdError(f"'{out}' already exists: choose another --out or pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ItdError(f"cannot write to folder '{parent}': create it or choose another --out")
+
+
+def _gather(
+    runs: Sequence[str | Path | NllResult], model: Any, data: Any, compute: Callable[[], NllResult]
+) -> list[NllResult]:
+    """Saved runs as given, plus a freshly computed one for --model/--data, else the latest run."""
+    if (model is None) != (data is None):
+        raise ItdError("give both --model and --data to compute a curve, or neither to draw saved runs")
+    results = [r if isinstance(r, NllResult) else records.read_run(Path(r)) for r in runs]
+    if model is not None:
+        results.append(compute())
+    if not results:
+        results.append(records.read_run(records.latest_run()))
+    return results
+
+
+def curve(
+    runs: Sequence[str | Path | NllResult] = (),
+    *,
+    out: str | Path,
+    model: Any = None,
+    data: Any = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **nll_options: Any,
+) -> CurveResult:
+    """Draw ε-MSE against logSNR for each run, with the references; write `out` (.pdf, .png, .svg) atomically."""
+    import torch
+
+    from itdcli import plot
+    from itdcli.api.nll import nll
+
+    out = Path(out)
+    _check_figure_path(out, overwrite)
+    results = _gather(runs, model, data, lambda: nll(data, model, progress=progress, **nll_options))
+    series: list[plot.Series] = []
+    for r in results:
+        if "logsnr" not in r.arrays:
+            raise ItdError(f"run '{r.run_dir}' has no saved curves (arrays.safetensors): rerun itd nll with --out")
+        label = r.model if len(results) == 1 else f"{r.model} · {r.data.name}"
+        series += plot.run_series(label, r.arrays, int(torch.tensor(r.data.shape).prod()))
+    lo = min(r.proposal.logsnr_min for r in results)
+    hi = max(r.proposal.logsnr_max for r in results)
+    series += plot.reference_series(results[0].arrays["eigvals"], lo, hi)
+    title = ", ".join(sorted({r.data.name for r in results}))
+    fd, tmp = tempfile.mkstemp(prefix=".itd-fig-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        plot.draw(series, f"ε-MSE curves on {title}", Path(tmp))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return CurveResult(
+        path=str(out), runs=[r.run_dir or "<unsaved>" for r in results], series=[s.label for s in series]
+    )

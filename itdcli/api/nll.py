@@ -1,0 +1,252 @@
+"""`itdcli.nll`: bits/dim of a dataset under a diffusion model through the I-MMSE integral (Kong et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from itdcli.api import records
+from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo
+from itdcli.core import estimators as est
+from itdcli.core.gaussian import GaussianReference
+from itdcli.core.proposal import (
+    PAPER_SCALE_CONSTANT,
+    PointScheme,
+    Proposal,
+    ProposalKind,
+    logistic_from_spectrum,
+)
+from itdcli.core.units import bits_per_dim
+from itdcli.errors import ItdError
+
+EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
+EDGE_TOLERANCE_BPD = 0.01
+STANDARD_NORMAL = "standard-normal"
+
+
+class NllOptions(BaseModel):
+    """Every setting of an `itd nll` run except the data, model and reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    estimator: EstimatorChoice | None = None
+    discrete: bool = False
+    points: PositiveInt = 100
+    seed: int = Field(0, ge=0)
+    batch_size: PositiveInt | None = None
+    device: str = "auto"
+    limit: PositiveInt | None = None
+    selection: est.Selection = "crossfit"
+    rounding: Literal["soft", "hard"] = "soft"
+    scheme: PointScheme = "stratified"
+    proposal: ProposalKind = "logistic"
+    scale_constant: float = Field(PAPER_SCALE_CONSTANT, gt=0)
+    clip: float = Field(4.0, gt=0)
+    logsnr_min: float | None = None
+    logsnr_max: float | None = None
+    loc: float | None = None
+    scale: float | None = Field(None, gt=0)
+    levels: int | None = Field(None, ge=2)
+    out: Path | None = None
+    overwrite: bool = False
+    save: bool = True
+
+
+def _estimator_names(opts: NllOptions, discrete_data: bool) -> list[str]:
+    """The estimators a run reports: --discrete, --estimator, or by default all that the data allow."""
+    if opts.discrete and opts.estimator not in (None, "discrete"):
+        raise ItdError(f"--discrete conflicts with --estimator {opts.estimator}: give one of them")
+    choice = "discrete" if opts.discrete else opts.estimator or ("all" if discrete_data else "continuous")
+    if choice in ("discrete", "dequantized") and not discrete_data:
+        raise ItdError(
+            f"the {choice} estimator needs discrete data, but these are float values: "
+            "use --estimator continuous, or give integer data (uint8 images, or an integer .npz with --levels)"
+        )
+    names = {"continuous": ["continuous", "continuous_pointwise"], "discrete": ["discrete"]}
+    names["dequantized"] = ["dequantized"]
+    if choice == "all":
+        return ["continuous", "continuous_pointwise", *(["discrete", "dequantized"] if discrete_data else [])]
+    return names[choice]
+
+
+def _eig_floor(data: Any) -> float:
+    """Eigenvalue floor of the fitted covariance: the variance δ²/12 of one bin for discrete data, else tiny."""
+    return (2.0 / (data.levels - 1)) ** 2 / 12 if data.levels else 1e-12
+
+
+def resolve_reference(reference: Any, data: Any) -> tuple[GaussianReference, str, str | None, float]:
+    """The Gaussian reference: given, N(0, I), or fitted (and cached) on the family's training split or `reference`."""
+    from itdcli.data import load_data
+
+    if isinstance(reference, GaussianReference):
+        return reference, "<GaussianReference>", None, 0.0
+    if reference == STANDARD_NORMAL:
+        return GaussianReference.standard(data.dim), STANDARD_NORMAL, None, 0.0
+    source = reference if reference is not None else (data.train or data)
+    ref_data = load_data(source)
+    if tuple(ref_data.shape) != tuple(data.shape):
+        raise ItdError(
+            f"reference data '{ref_data.name}' has images of shape {tuple(ref_data.shape)} but the scored data "
+            f"have {tuple(data.shape)}: give a --reference of the same image size"
+        )
+    floor = _eig_floor(ref_data)
+    key = hashlib.sha256(f"{ref_data.sha256}:{floor!r}".encode()).hexdigest()[:32]
+    ref = records.cached_reference(key)
+    if ref is None:
+        ref = GaussianReference.fit(ref_data.values(), floor)
+        records.store_reference(key, ref)
+    return ref, ref_data.name, ref_data.sha256, floor
+
+
+def make_proposal(opts: NllOptions, ref: GaussianReference) -> Proposal:
+    """The logSNR proposal from the reference spectrum, with any loc/scale/range overrides (spec §6.2)."""
+    base = logistic_from_spectrum(ref.log_eigvals, opts.scale_constant, opts.clip)
+    loc = base.loc if opts.loc is None else opts.loc
+    scale = base.scale if opts.scale is None else opts.scale
+    lo = loc - opts.clip * scale if opts.logsnr_min is None else opts.logsnr_min
+    hi = loc + opts.clip * scale if opts.logsnr_max is None else opts.logsnr_max
+    if not lo < hi:
+        raise ItdError(f"empty logSNR range [{lo:g}, {hi:g}]: --logsnr-min must be below --logsnr-max")
+    return Proposal(opts.proposal, loc, scale, lo, hi)
+
+
+def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor:
+    """All image indices, or a seeded random subset of `limit` of them in index order (never just the first ones)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
+    """Nats per image and bits/dim, with None for an undefined standard error."""
+    se = None if math.isnan(e.stderr) else e.stderr
+    return EstimateResult(
+        bpd=bits_per_dim(e.mean, dim),
+        stderr_bpd=None if se is None else bits_per_dim(se, dim),
+        nats=e.mean,
+        stderr_nats=se,
+    )
+
+
+def _arrays(curves: Any, scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
+    """The per-image and per-cell arrays saved beside result.json."""
+    arrays = {"index": curves.index, "logsnr": curves.logsnr, "weight": curves.weight, "eigvals": ref.eigvals}
+    arrays.update({f"mse/{k}": v.to(torch.float32) for k, v in curves.errors.items()})
+    arrays.update({f"chosen/{k}": v.to(torch.float32) for k, v in scores.chosen.items()})
+    for name, e in scores.estimates.items():
+        arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
+    return arrays
+
+
+def nll(
+    data: Any,
+    model: Any = "gaussian",
+    *,
+    reference: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> NllResult:
+    """Bits/dim of `data` under `model` by the I-MMSE integral; `options` are the fields of `NllOptions`.
+
+    `data` is a dataset name, a path (image folder, .npz), a tensor or a `Dataset`; `model` a registered
+    name, `module.path:attribute`, or any callable eps_hat = model(z, logsnr). `progress(done, total)`
+    is called as cells are evaluated. The run is kept as a record under `out` or the itd home's runs/.
+    """
+    from itdcli import __version__, engine, runtime, scoring
+    from itdcli.data import load_data
+    from itdcli.models import load_model
+
+    opts = NllOptions(**options)
+    if opts.out is not None:
+        records.check_out_dir(opts.out, opts.overwrite)
+    dataset = load_data(data, levels=opts.levels)
+    names = _estimator_names(opts, dataset.levels is not None)
+    device = runtime.resolve_device(opts.device)
+    ref, ref_source, ref_sha, floor = resolve_reference(reference, dataset)
+    proposal = make_proposal(opts, ref)
+    denoiser = load_model(model, ref)
+    index = _subset(len(dataset), opts.limit, opts.seed)
+    plan = engine.Plan(
+        proposal,
+        opts.points,
+        opts.scheme,
+        opts.seed,
+        opts.batch_size or engine.default_batch_size(dataset.dim),
+        opts.rounding,
+        want_round="discrete" in names,
+        want_deq="dequantized" in names,
+    )
+    total = len(index) * opts.points
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    start = time.perf_counter()
+    curves = engine.evaluate(denoiser, dataset, ref, plan, device, index, tick)
+    seconds = time.perf_counter() - start
+    values = dataset.values(index)
+    scores = scoring.score(curves, ref, values, proposal, dataset.levels, names, opts.selection, opts.seed)
+    warnings = list(scores.warnings)
+    if reference is None and dataset.train is None:
+        warnings.append(
+            f"no training split is known for '{dataset.name}': the Gaussian reference was fitted on the scored "
+            "data themselves (valid, but pass --reference TRAIN_DATA to match the usual protocol)"
+        )
+    result = NllResult(
+        itd_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        data=DataInfo(
+            name=dataset.name,
+            sha256=dataset.sha256,
+            n_images=len(index),
+            shape=list(dataset.shape),
+            levels=dataset.levels,
+        ),
+        model=model if isinstance(model, str) else type(model).__name__,
+        reference=ReferenceInfo(
+            source=ref_source,
+            sha256=ref_sha,
+            entropy_nats=ref.entropy(),
+            eig_floor=floor,
+            loc=-float(ref.log_eigvals.mean()),
+            scale=proposal.scale,
+        ),
+        proposal=ProposalInfo(
+            kind=proposal.kind,
+            loc=proposal.loc,
+            scale=proposal.scale,
+            scale_constant=opts.scale_constant,
+            clip=opts.clip,
+            logsnr_min=proposal.logsnr_min,
+            logsnr_max=proposal.logsnr_max,
+            scheme=opts.scheme,
+        ),
+        points=opts.points,
+        seed=opts.seed,
+        batch_size=plan.batch_size,
+        selection=opts.selection,
+        rounding=opts.rounding,
+        estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in names},
+        evals_per_image=engine.evals_per_image(plan),
+        seconds=seconds,
+        device=str(device),
+        precision=runtime.EVAL_PRECISION,
+        stderr_method="std/sqrt(N) over per-image values; each image draws its own stratified logSNR points and noise",
+        warnings=warnings,
+        arrays=_arrays(curves, scores, ref, dataset.dim),
+    )
+    if opts.save:
+        records.write_run(result, opts.out or records.new_run_dir(result.model, dataset.name))
+    return result

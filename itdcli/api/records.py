@@ -1,0 +1,144 @@
+"""Files: the itd home, run records written atomically (result.json + arrays.safetensors), the spectrum cache."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from itdcli.api.results import NllResult
+from itdcli.core.gaussian import GaussianReference
+from itdcli.errors import ItdError
+
+RESULT_FILE = "result.json"
+ARRAYS_FILE = "arrays.safetensors"
+
+
+def itd_home() -> Path:
+    """`ITD_HOME`, else `$XDG_CACHE_HOME/itd`, else `~/.cache/itd`."""
+    if os.environ.get("ITD_HOME"):
+        return Path(os.environ["ITD_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "itd"
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless `overwrite`, and a location that cannot be written, before any work."""
+    if out.exists() and not overwrite:
+        raise ItdError(f"output '{out}' already exists: choose another --out or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ItdError(f"output '{out}' is a file, not a run folder: choose another --out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ItdError(f"cannot write to '{parent}': choose a writable --out")
+
+
+def new_run_dir(model: str, data: str) -> Path:
+    """A fresh folder name under the itd home's runs/ for a run without --out."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(model).name}-{Path(data).name}").strip("-")[:60]
+    base = itd_home() / "runs" / f"{stamp}-{slug}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary folder onto `out`, replacing an old one only after the new one is whole."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=".itd-old-", dir=out.parent))
+    os.replace(out, old / "run")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_run(result: NllResult, out: Path) -> Path:
+    """Write result.json and arrays.safetensors into a temporary sibling folder, then rename it to `out`."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".itd-tmp-", dir=out.parent))
+    try:
+        result.run_dir = str(out.resolve())
+        tensors = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
+        save_file(tensors, str(tmp / ARRAYS_FILE), metadata={"schema": result.schema_version})
+        (tmp / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _remember_latest(out.resolve())
+    return out
+
+
+def _remember_latest(run: Path) -> None:
+    """Point the itd home's `latest-run` file at `run`, atomically."""
+    home = itd_home()
+    with contextlib.suppress(OSError):
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f".latest-run.{os.getpid()}"
+        tmp.write_text(str(run) + "\n")
+        os.replace(tmp, home / "latest-run")
+
+
+def latest_run() -> Path:
+    """The folder of the most recent `itd nll` run on this machine."""
+    pointer = itd_home() / "latest-run"
+    if pointer.exists():
+        run = Path(pointer.read_text().strip())
+        if (run / RESULT_FILE).exists():
+            return run
+    raise ItdError(
+        "no saved itd nll run found: run `itd nll DATA --model M` first, or give RESULT_DIR or --model/--data"
+    )
+
+
+def read_run(run: Path) -> NllResult:
+    """Load a run record: result.json validated as NllResult, with its arrays."""
+    from pydantic import ValidationError
+    from safetensors.torch import load_file
+
+    if not (run / RESULT_FILE).exists():
+        raise ItdError(f"'{run}' is not an itd run folder (no {RESULT_FILE}); give a folder written by itd nll --out")
+    try:
+        result = NllResult.model_validate(json.loads((run / RESULT_FILE).read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise ItdError(f"'{run / RESULT_FILE}' is not a valid itd result: {str(exc).splitlines()[0]}") from exc
+    result.arrays = dict(load_file(str(run / ARRAYS_FILE))) if (run / ARRAYS_FILE).exists() else {}
+    return result
+
+
+def cached_reference(key: str) -> GaussianReference | None:
+    """A Gaussian reference cached under the itd home by content key, if present."""
+    from safetensors.torch import load_file
+
+    path = itd_home() / "cache" / "spectra" / f"{key}.safetensors"
+    if not path.exists():
+        return None
+    t = load_file(str(path))
+    return GaussianReference(t["mean"], t["eigvecs"], t["eigvals"])
+
+
+def store_reference(key: str, ref: GaussianReference) -> None:
+    """Cache a fitted reference (mean, eigenvectors, eigenvalues) atomically; a failure to cache is not an error."""
+    from safetensors.torch import save_file
+
+    folder = itd_home() / "cache" / "spectra"
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        tensors = {"mean": ref.mean, "eigvecs": ref.eigvecs.contiguous(), "eigvals": ref.eigvals}
+        save_file({k: v.to(torch.float64).cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, folder / f"{key}.safetensors")

@@ -1,0 +1,88 @@
+"""Typed results of `itd nll` and `itd curve`, serialised as result.json (schema `itd.nll/1`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ESTIMATOR_NAMES = ("continuous", "continuous_pointwise", "discrete", "dequantized")
+
+
+class EstimateResult(BaseModel):
+    """One estimator's dataset mean and standard error, in bits/dim and in nats per image."""
+
+    bpd: float
+    stderr_bpd: float | None
+    nats: float
+    stderr_nats: float | None
+
+
+class DataInfo(BaseModel):
+    """Identity of the scored data."""
+
+    name: str
+    sha256: str
+    n_images: int
+    shape: list[int]
+    levels: int | None
+
+
+class ReferenceInfo(BaseModel):
+    """The Gaussian reference N(μ, Σ): where it was fitted, its entropy and spectrum summary."""
+
+    source: str
+    sha256: str | None
+    entropy_nats: float
+    eig_floor: float
+    loc: float
+    scale: float
+
+
+class ProposalInfo(BaseModel):
+    """The logSNR proposal and the integration range actually used."""
+
+    kind: str
+    loc: float
+    scale: float
+    scale_constant: float
+    clip: float
+    logsnr_min: float
+    logsnr_max: float
+    scheme: str
+
+
+class NllResult(BaseModel):
+    """Everything needed to read and reproduce one `itd nll` run; per-image arrays ride along in `arrays`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    schema_version: str = "itd.nll/1"
+    itd_version: str
+    created: str
+    data: DataInfo
+    model: str
+    reference: ReferenceInfo
+    proposal: ProposalInfo
+    points: int
+    seed: int
+    batch_size: int
+    selection: str
+    rounding: str
+    estimates: dict[str, EstimateResult]
+    evals_per_image: int
+    seconds: float
+    device: str
+    precision: str
+    stderr_method: str
+    warnings: list[str] = Field(default_factory=list)
+    run_dir: str | None = None
+    arrays: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+
+
+class CurveResult(BaseModel):
+    """The figure written by `itd curve` and the runs it drew."""
+
+    path: str
+    runs: list[str]
+    series: list[str]

@@ -1,0 +1,1 @@
+"""Thin typer commands: parse, build the pydantic options, call one library function, render."""

@@ -1,0 +1,38 @@
+"""Option aliases shared by the commands, as `Annotated` types (one definition per option)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Model: a registered name (gaussian) or module.path:attribute for your own."),
+]
+ReferenceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Data for the Gaussian reference N(μ,Σ) (default: the family's training split), or standard-normal."
+    ),
+]
+PointsOpt = Annotated[int, typer.Option(help="logSNR points per image (stratified in the proposal's CDF).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for logSNR points, noise and subsets.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", help="Network batch size in (image, logSNR) cells [default: by image size]."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(help="Score a seeded random subset of this many images."),
+]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Run folder to write (result.json, arrays.safetensors)."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout instead of a table.")]
+LevelsOpt = Annotated[
+    int | None,
+    typer.Option(help="Grey levels of integer .npz data [default: 256 for uint8]."),
+]

@@ -1,0 +1,70 @@
+"""Rendering: progress on stderr, tables on stdout (rich)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from itdcli.api.results import NllResult
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient rich bar on stderr with points/s and ETA; yields update(done, total)."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} points/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True, auto_refresh=False) as bar:
+        task = bar.add_task(label, total=None, rate="-")
+        last = 0.0
+
+        def update(done: int, total: int) -> None:
+            nonlocal last
+            speed = bar.tasks[0].speed
+            bar.update(task, completed=done, total=total, rate=f"{speed:,.0f}" if speed else "-")
+            if time.monotonic() - last > 0.1 or done == total:
+                bar.refresh()
+                last = time.monotonic()
+
+        yield update
+
+
+def _pm(value: float, se: float | None) -> str:
+    """`value ± se` with four decimals."""
+    return f"{value:.4f}" if se is None else f"{value:.4f} ± {se:.4f}"
+
+
+def print_nll(result: NllResult) -> None:
+    """The table of bits/dim per estimator, evaluations and time, then where the run was saved."""
+    d = result.data
+    title = f"{result.model} on {d.name} ({d.n_images} images, {result.points} logSNR points each)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("estimator")
+    table.add_column("bits/dim", justify="right")
+    table.add_column("nats/image", justify="right")
+    for name, e in result.estimates.items():
+        table.add_row(name, _pm(e.bpd, e.stderr_bpd), _pm(e.nats, e.stderr_nats))
+    console.print(table)
+    p = result.proposal
+    console.print(
+        f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}], {p.kind} proposal (loc {p.loc:.3f}, "
+        f"scale {p.scale:.3f}); {result.evals_per_image} network evaluations per image; "
+        f"{result.seconds:.1f} s on {result.device}",
+        highlight=False,
+    )
+    if result.run_dir:
+        console.print(f"saved run: {result.run_dir}", highlight=False)

@@ -1,0 +1,77 @@
+"""The `itd` console entry point: the typer app and the one map from errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from itdcli.cli.curve import curve_command
+from itdcli.cli.nll import nll_command
+
+app = typer.Typer(
+    name="itd",
+    help="Information-theoretic diffusion likelihoods: bits/dim, MMSE curves and per-image scores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("nll")(nll_command)
+app.command("curve")(curve_command)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int) -> None:
+    """Print one error line on stderr and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def _validation_line(exc: Exception) -> str:
+    """The first problem of a pydantic ValidationError as `--option: message`."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    first = errors[0]
+    where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") if first["loc"] else "input"
+    return f"invalid {where}: {first['msg']}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the app; user errors exit 2 with one line, Ctrl-C exits 130, tracebacks only with ITD_DEBUG=1."""
+    debug = os.environ.get("ITD_DEBUG") == "1"
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail("interrupted; no partial results were written", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail_known(exc)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _fail_known(exc: Exception) -> None:
+    """Map an exception to its one-line message and exit code."""
+    from pydantic import ValidationError
+
+    from itdcli.errors import ItdError
+
+    if isinstance(exc, ItdError):
+        _fail(str(exc), EXIT_USAGE)
+    if isinstance(exc, ValidationError):
+        _fail(_validation_line(exc), EXIT_USAGE)
+    if isinstance(exc, PermissionError | FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        _fail(f"{exc.strerror or exc}: {exc.filename}", EXIT_USAGE)
+    _fail(f"unexpected {type(exc).__name__}: {exc} (set ITD_DEBUG=1 for a traceback)", 1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

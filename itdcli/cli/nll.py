@@ -1,0 +1,67 @@
+"""`itd nll DATA --model M`: bits/dim per estimator with standard errors."""
+
+from typing import Annotated, Any
+
+import typer
+
+from itdcli.cli import _options as o
+from itdcli.cli._render import err_console, print_nll, progress_bar
+
+
+def nll_command(
+    data: Annotated[str, typer.Argument(help="Dataset: digits_test, digits_train, an image folder or a .npz file.")],
+    model: o.ModelOpt = "gaussian",
+    discrete: Annotated[bool, typer.Option("--discrete", help="Report the discrete −log P(x) estimate.")] = False,
+    estimator: Annotated[
+        str | None,
+        typer.Option(help="continuous, discrete, dequantized or all [default: all for discrete data]."),
+    ] = None,
+    points: o.PointsOpt = 100,
+    seed: o.SeedOpt = 0,
+    batch_size: o.BatchOpt = None,
+    device: o.DeviceOpt = "auto",
+    limit: o.LimitOpt = None,
+    reference: o.ReferenceOpt = None,
+    selection: Annotated[
+        str, typer.Option(help="Per-logSNR choice of denoiser: crossfit (held out), same (paper), none.")
+    ] = "crossfit",
+    rounding: Annotated[str, typer.Option(help="soft or hard rounding for the discrete estimator.")] = "soft",
+    scale_constant: Annotated[
+        float | None, typer.Option(help="c in scale = √(1 + c·Var log λ) [default: 3/π, the paper's].")
+    ] = None,
+    logsnr_min: Annotated[float | None, typer.Option(help="Lower end of the logSNR range.")] = None,
+    logsnr_max: Annotated[float | None, typer.Option(help="Upper end of the logSNR range.")] = None,
+    levels: o.LevelsOpt = None,
+    out: o.OutDirOpt = None,
+    overwrite: o.OverwriteOpt = False,
+    json_out: o.JsonOpt = False,
+) -> None:
+    """Estimate −log p(x) and −log P(x) in bits/dim with honest standard errors."""
+    from itdcli.api.nll import NllOptions, nll
+
+    fields: dict[str, Any] = {
+        "estimator": estimator,
+        "discrete": discrete,
+        "points": points,
+        "seed": seed,
+        "batch_size": batch_size,
+        "device": device,
+        "limit": limit,
+        "selection": selection,
+        "rounding": rounding,
+        "scale_constant": scale_constant,
+        "logsnr_min": logsnr_min,
+        "logsnr_max": logsnr_max,
+        "levels": levels,
+        "out": out,
+        "overwrite": overwrite,
+    }
+    options = NllOptions.model_validate({k: v for k, v in fields.items() if v is not None})
+    with progress_bar("nll") as advance:
+        result = nll(data, model, reference=reference, progress=advance, **options.model_dump())
+    for line in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    if json_out:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        print_nll(result)

@@ -1,0 +1,104 @@
+"""Turns per-cell error arrays into the named estimators, their per-image values and range warnings (spec §7)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from itdcli.core import estimators as est
+from itdcli.core.gaussian import GaussianReference
+from itdcli.core.proposal import Proposal
+from itdcli.engine import Curves
+
+EDGE_TOLERANCE_BPD = 0.01
+
+# Candidate denoisers per estimator, the first being the model's own (used alone under selection "none").
+CANDIDATES = {
+    "continuous": ("model", "gauss"),
+    "discrete": ("round", "model", "gauss"),
+    "dequantized": ("deq", "gauss_deq"),
+}
+
+
+@dataclass
+class Scores:
+    """Estimates per estimator name, the integrands whose ends were checked, and warnings."""
+
+    estimates: dict[str, est.Estimate] = field(default_factory=dict)
+    integrands: dict[str, Tensor] = field(default_factory=dict)
+    chosen: dict[str, Tensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection) -> Tensor:
+    """The per-cell error of the denoiser chosen per point column among the kind's candidates."""
+    names = [n for n in CANDIDATES[kind] if n in curves.errors]
+    stack = torch.stack([curves.errors[n] for n in names])
+    return est.chosen(stack, est.choose(stack, folds, selection))
+
+
+def score(
+    curves: Curves,
+    ref: GaussianReference,
+    values: Tensor,
+    proposal: Proposal,
+    levels: int | None,
+    names: list[str],
+    selection: est.Selection,
+    seed: int,
+) -> Scores:
+    """Every requested estimator from one set of curves; `values` are the scored images on the model scale."""
+    out = Scores()
+    folds = est.crossfit_folds(len(curves.index), 2, torch.Generator().manual_seed(seed + 1))
+    mmse_g = ref.mmse(curves.logsnr)
+    w = curves.weight
+    if "continuous" in names or "continuous_pointwise" in names:
+        e = out.chosen["continuous"] = _pick(curves, "continuous", folds, selection)
+        out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e)
+        gauss = curves.errors["gauss"]
+        out.estimates["continuous_pointwise"] = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e)
+        out.integrands["continuous"] = 0.5 * (gauss - e)
+    if "discrete" in names and levels:
+        e = out.chosen["discrete"] = _pick(curves, "discrete", folds, selection)
+        left = ref.left_tail(proposal.logsnr_min, ref.whiten(values))
+        right = est.right_tail(proposal.logsnr_max, ref.dim, levels)
+        out.estimates["discrete"] = est.nll_discrete(left, right, w, e)
+        out.integrands["discrete"] = 0.5 * e
+    if "dequantized" in names and levels:
+        e = out.chosen["dequantized"] = _pick(curves, "dequantized", folds, selection)
+        out.estimates["dequantized"] = est.nll_dequantized(ref.entropy(), mmse_g, w, e, ref.dim, levels)
+        out.integrands["dequantized"] = 0.5 * (curves.errors["gauss_deq"] - e)
+    out.warnings = _edge_warnings(out.integrands, proposal, ref.dim, levels)
+    return out
+
+
+def _edge_warnings(integrands: dict[str, Tensor], proposal: Proposal, dim: int, levels: int | None) -> list[str]:
+    """Warn where an integrand (bpd per unit logSNR) is still large at an end of the range."""
+    warnings = []
+    for kind, values in integrands.items():
+        cols = est.column_means(values) / (dim * math.log(2))
+        ends = {
+            "left": (float(cols[0]), proposal.logsnr_min),
+            "right": (float(cols[-1]), proposal.logsnr_max),
+        }
+        if kind == "discrete":
+            ends.pop("left")  # the left tail is added in closed form
+        for side, (value, at) in ends.items():
+            if abs(value) > EDGE_TOLERANCE_BPD:
+                warnings.append(_edge_message(kind, side, value, at, levels))
+    return warnings
+
+
+def _edge_message(kind: str, side: str, value: float, at: float, levels: int | None) -> str:
+    """One warning line for an integrand that has not decayed at one end."""
+    flag = "--logsnr-min" if side == "left" else "--logsnr-max"
+    text = (
+        f"{kind}: the integrand is still {value:+.3f} bpd per unit logSNR at the {side} end (logSNR {at:.2f}); "
+        f"the range may cut off real mass, widen it with {flag}"
+    )
+    if kind == "continuous" and side == "right" and levels:
+        text += " (on discrete data the continuous density keeps falling with the range's upper end: quote it with it)"
+    return text

@@ -1,0 +1,35 @@
+"""Developer sessions: `nox` runs the tests; `nox -s lint typecheck docs` run the other checks."""
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite, as CI runs it."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "itdcli", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "itdcli", "tests", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict", "itdcli")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the MkDocs site with --strict."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
