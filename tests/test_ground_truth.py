@@ -3,11 +3,11 @@
 import math
 
 import torch
+from mixtures import MixtureDenoiser
 
 import itdcli
 from itdcli.core.gaussian import GaussianReference
 from itdcli.models.gaussian import GaussianDenoiser
-from mixtures import MixtureDenoiser
 
 F64 = torch.float64
 WIDE = {"logsnr_min": -15.0, "logsnr_max": 25.0, "loc": 4.0, "scale": 4.0, "save": False}

@@ -85,7 +85,7 @@ def test_point_schemes() -> None:
     j = torch.arange(50, dtype=F64)
     assert bool(((strat >= j / 50) & (strat < (j + 1) / 50)).all())
     iid = cdf_points(50, "iid", gen)
-    assert bool((iid.diff() >= 0).all()) and 0 <= float(iid.min()) and float(iid.max()) < 1
+    assert bool((iid.diff() >= 0).all()) and float(iid.min()) >= 0 and float(iid.max()) < 1
 
 
 def test_empty_range_is_rejected() -> None:
