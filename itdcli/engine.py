@@ -67,7 +67,14 @@ def _check_output(eps_hat: Tensor, z: Tensor, logsnr: Tensor) -> None:
 def _forward(model: Denoiser, x: Tensor, eps: Tensor, logsnr: Tensor) -> Tensor:
     """Residual u = ε − ε̂ in float64 for one batch, with the network run in float32."""
     z = channel.noisy(x.to(F64), eps.to(F64), logsnr).to(torch.float32)
-    eps_hat = model(z, logsnr)
+    try:
+        eps_hat = model(z, logsnr)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ItdError(
+            f"the model failed on z {tuple(z.shape)} float32 with logsnr ({z.shape[0]},) float64: "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
     _check_output(eps_hat, z, logsnr)
     return eps.to(F64) - eps_hat.to(F64)
 

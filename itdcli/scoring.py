@@ -29,15 +29,18 @@ class Scores:
 
     estimates: dict[str, est.Estimate] = field(default_factory=dict)
     integrands: dict[str, Tensor] = field(default_factory=dict)
-    chosen: dict[str, Tensor] = field(default_factory=dict)
+    choice: dict[str, Tensor] = field(default_factory=dict)
+    candidates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
-def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection) -> Tensor:
+def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores) -> Tensor:
     """The per-cell error of the denoiser chosen per point column among the kind's candidates."""
-    names = [n for n in CANDIDATES[kind] if n in curves.errors]
+    names = tuple(n for n in CANDIDATES[kind] if n in curves.errors)
     stack = torch.stack([curves.errors[n] for n in names])
-    return est.chosen(stack, est.choose(stack, folds, selection))
+    choice = est.choose(stack, folds, selection)
+    out.choice[kind], out.candidates[kind] = choice, names
+    return est.chosen(stack, choice)
 
 
 def score(
@@ -56,19 +59,19 @@ def score(
     mmse_g = ref.mmse(curves.logsnr)
     w = curves.weight
     if "continuous" in names or "continuous_pointwise" in names:
-        e = out.chosen["continuous"] = _pick(curves, "continuous", folds, selection)
+        e = _pick(curves, "continuous", folds, selection, out)
         out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e)
         gauss = curves.errors["gauss"]
         out.estimates["continuous_pointwise"] = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e)
         out.integrands["continuous"] = 0.5 * (gauss - e)
     if "discrete" in names and levels:
-        e = out.chosen["discrete"] = _pick(curves, "discrete", folds, selection)
+        e = _pick(curves, "discrete", folds, selection, out)
         left = ref.left_tail(proposal.logsnr_min, ref.whiten(values))
         right = est.right_tail(proposal.logsnr_max, ref.dim, levels)
         out.estimates["discrete"] = est.nll_discrete(left, right, w, e)
         out.integrands["discrete"] = 0.5 * e
     if "dequantized" in names and levels:
-        e = out.chosen["dequantized"] = _pick(curves, "dequantized", folds, selection)
+        e = _pick(curves, "dequantized", folds, selection, out)
         out.estimates["dequantized"] = est.nll_dequantized(ref.entropy(), mmse_g, w, e, ref.dim, levels)
         out.integrands["dequantized"] = 0.5 * (curves.errors["gauss_deq"] - e)
     out.warnings = _edge_warnings(out.integrands, proposal, ref.dim, levels)

@@ -7,6 +7,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from itdcli.core.units import bits_per_dim
 from itdcli.errors import ItdError
 
 EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
-EDGE_TOLERANCE_BPD = 0.01
+FLOAT32_LOGSNR_LIMIT = 30.0
 STANDARD_NORMAL = "standard-normal"
 
 
@@ -78,37 +79,55 @@ def _estimator_names(opts: NllOptions, discrete_data: bool) -> list[str]:
 
 
 def _eig_floor(data: Any) -> float:
-    """Eigenvalue floor of the fitted covariance: the variance δ²/12 of one bin for discrete data, else tiny."""
-    return (2.0 / (data.levels - 1)) ** 2 / 12 if data.levels else 1e-12
+    """Eigenvalue floor of a fitted covariance: one bin's variance δ²/12 for discrete data, else 1e-6 of the mean."""
+    if data.levels:
+        return float((2.0 / (data.levels - 1)) ** 2 / 12)
+    return float(data.values().to(torch.float64).var(0).mean()) * 1e-6
 
 
-def resolve_reference(reference: Any, data: Any) -> tuple[GaussianReference, str, str | None, float]:
-    """The Gaussian reference: given, N(0, I), or fitted (and cached) on the family's training split or `reference`."""
-    from itdcli.data import load_data
+@dataclass(frozen=True)
+class ResolvedReference:
+    """The reference used by the estimators, the fitted spectrum that shapes the proposal, and their origin."""
 
-    if isinstance(reference, GaussianReference):
-        return reference, "<GaussianReference>", None, 0.0
-    if reference == STANDARD_NORMAL:
-        return GaussianReference.standard(data.dim), STANDARD_NORMAL, None, 0.0
-    source = reference if reference is not None else (data.train or data)
-    ref_data = load_data(source)
-    if tuple(ref_data.shape) != tuple(data.shape):
-        raise ItdError(
-            f"reference data '{ref_data.name}' has images of shape {tuple(ref_data.shape)} but the scored data "
-            f"have {tuple(data.shape)}: give a --reference of the same image size"
-        )
+    ref: GaussianReference
+    spectrum: GaussianReference
+    source: str
+    sha256: str | None
+    floor: float
+
+
+def fit_reference(ref_data: Any) -> tuple[GaussianReference, float]:
+    """N(μ, Σ) of a dataset with its eigenvalue floor, cached under the itd home by content hash."""
     floor = _eig_floor(ref_data)
     key = hashlib.sha256(f"{ref_data.sha256}:{floor!r}".encode()).hexdigest()[:32]
     ref = records.cached_reference(key)
     if ref is None:
         ref = GaussianReference.fit(ref_data.values(), floor)
         records.store_reference(key, ref)
-    return ref, ref_data.name, ref_data.sha256, floor
+    return ref, floor
 
 
-def make_proposal(opts: NllOptions, ref: GaussianReference) -> Proposal:
-    """The logSNR proposal from the reference spectrum, with any loc/scale/range overrides (spec §6.2)."""
-    base = logistic_from_spectrum(ref.log_eigvals, opts.scale_constant, opts.clip)
+def resolve_reference(reference: Any, data: Any) -> ResolvedReference:
+    """A given reference; N(0, I); or N(μ, Σ) fitted on `reference` data, else the family's training split."""
+    from itdcli.data import load_data
+
+    if isinstance(reference, GaussianReference):
+        return ResolvedReference(reference, reference, "<GaussianReference>", None, 0.0)
+    standard = reference == STANDARD_NORMAL
+    ref_data = load_data(data.train or data if reference is None or standard else reference)
+    if tuple(ref_data.shape) != tuple(data.shape):
+        raise ItdError(
+            f"reference data '{ref_data.name}' has images of shape {tuple(ref_data.shape)} but the scored data "
+            f"have {tuple(data.shape)}: give a --reference of the same image size"
+        )
+    fitted, floor = fit_reference(ref_data)
+    ref = GaussianReference.standard(data.dim) if standard else fitted
+    return ResolvedReference(ref, fitted, STANDARD_NORMAL if standard else ref_data.name, ref_data.sha256, floor)
+
+
+def make_proposal(opts: NllOptions, spectrum: GaussianReference) -> Proposal:
+    """The logSNR proposal from the data's fitted spectrum, with any loc/scale/range overrides (spec §6.2)."""
+    base = logistic_from_spectrum(spectrum.log_eigvals, opts.scale_constant, opts.clip)
     loc = base.loc if opts.loc is None else opts.loc
     scale = base.scale if opts.scale is None else opts.scale
     lo = loc - opts.clip * scale if opts.logsnr_min is None else opts.logsnr_min
@@ -140,7 +159,7 @@ def _arrays(curves: Any, scores: Any, ref: GaussianReference, dim: int) -> dict[
     """The per-image and per-cell arrays saved beside result.json."""
     arrays = {"index": curves.index, "logsnr": curves.logsnr, "weight": curves.weight, "eigvals": ref.eigvals}
     arrays.update({f"mse/{k}": v.to(torch.float32) for k, v in curves.errors.items()})
-    arrays.update({f"chosen/{k}": v.to(torch.float32) for k, v in scores.chosen.items()})
+    arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
     return arrays
@@ -170,8 +189,9 @@ def nll(
     dataset = load_data(data, levels=opts.levels)
     names = _estimator_names(opts, dataset.levels is not None)
     device = runtime.resolve_device(opts.device)
-    ref, ref_source, ref_sha, floor = resolve_reference(reference, dataset)
-    proposal = make_proposal(opts, ref)
+    resolved = resolve_reference(reference, dataset)
+    ref = resolved.ref
+    proposal = make_proposal(opts, resolved.spectrum)
     denoiser = load_model(model, ref)
     index = _subset(len(dataset), opts.limit, opts.seed)
     plan = engine.Plan(
@@ -196,14 +216,9 @@ def nll(
     start = time.perf_counter()
     curves = engine.evaluate(denoiser, dataset, ref, plan, device, index, tick)
     seconds = time.perf_counter() - start
-    values = dataset.values(index)
-    scores = scoring.score(curves, ref, values, proposal, dataset.levels, names, opts.selection, opts.seed)
-    warnings = list(scores.warnings)
-    if reference is None and dataset.train is None:
-        warnings.append(
-            f"no training split is known for '{dataset.name}': the Gaussian reference was fitted on the scored "
-            "data themselves (valid, but pass --reference TRAIN_DATA to match the usual protocol)"
-        )
+    scores = scoring.score(
+        curves, ref, dataset.values(index), proposal, dataset.levels, names, opts.selection, opts.seed
+    )
     result = NllResult(
         itd_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -214,15 +229,8 @@ def nll(
             shape=list(dataset.shape),
             levels=dataset.levels,
         ),
-        model=model if isinstance(model, str) else type(model).__name__,
-        reference=ReferenceInfo(
-            source=ref_source,
-            sha256=ref_sha,
-            entropy_nats=ref.entropy(),
-            eig_floor=floor,
-            loc=-float(ref.log_eigvals.mean()),
-            scale=proposal.scale,
-        ),
+        model=_model_name(model),
+        reference=_reference_info(resolved, opts),
         proposal=ProposalInfo(
             kind=proposal.kind,
             loc=proposal.loc,
@@ -238,15 +246,52 @@ def nll(
         batch_size=plan.batch_size,
         selection=opts.selection,
         rounding=opts.rounding,
+        candidates={k: list(v) for k, v in scores.candidates.items()},
         estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in names},
         evals_per_image=engine.evals_per_image(plan),
         seconds=seconds,
         device=str(device),
         precision=runtime.EVAL_PRECISION,
-        stderr_method="std/sqrt(N) over per-image values; each image draws its own stratified logSNR points and noise",
-        warnings=warnings,
+        stderr_method=f"std/sqrt(N) over per-image values; every image draws its own {opts.scheme} points and noise",
+        warnings=scores.warnings + _run_warnings(reference, dataset, proposal),
         arrays=_arrays(curves, scores, ref, dataset.dim),
     )
     if opts.save:
         records.write_run(result, opts.out or records.new_run_dir(result.model, dataset.name))
     return result
+
+
+def _model_name(model: Any) -> str:
+    """The model as named on the command line, or the qualified name of a Python callable or module."""
+    if isinstance(model, str):
+        return model
+    return str(getattr(model, "__qualname__", None) or type(model).__qualname__)
+
+
+def _reference_info(resolved: ResolvedReference, opts: NllOptions) -> ReferenceInfo:
+    """Where the reference came from, its entropy, floor and the proposal its spectrum implies."""
+    implied = logistic_from_spectrum(resolved.spectrum.log_eigvals, opts.scale_constant, opts.clip)
+    return ReferenceInfo(
+        source=resolved.source,
+        sha256=resolved.sha256,
+        entropy_nats=resolved.ref.entropy(),
+        eig_floor=resolved.floor,
+        spectrum_loc=implied.loc,
+        spectrum_scale=implied.scale,
+    )
+
+
+def _run_warnings(reference: Any, dataset: Any, proposal: Proposal) -> list[str]:
+    """Warnings about the protocol: a reference fitted on the scored data, a range beyond float32's reach."""
+    warnings = []
+    if reference is None and dataset.train is None:
+        warnings.append(
+            f"no training split is known for '{dataset.name}': the Gaussian reference was fitted on the scored "
+            "data themselves (valid, but pass --reference TRAIN_DATA to match the usual protocol)"
+        )
+    if proposal.logsnr_max > FLOAT32_LOGSNR_LIMIT:
+        warnings.append(
+            f"the range reaches logSNR {proposal.logsnr_max:.1f}, where a float32 network input can no longer "
+            f"hold the noise (spec §11.1); consider --logsnr-max {FLOAT32_LOGSNR_LIMIT:g}"
+        )
+    return warnings

@@ -38,7 +38,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ItdError(f"cannot write to '{parent}': choose a writable --out")
 
 
@@ -65,6 +65,15 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _publish_modes(folder: Path) -> None:
+    """Give a mkdtemp folder and its files the modes the user's umask would have given them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
 def write_run(result: NllResult, out: Path) -> Path:
     """Write result.json and arrays.safetensors into a temporary sibling folder, then rename it to `out`."""
     from safetensors.torch import save_file
@@ -76,6 +85,7 @@ def write_run(result: NllResult, out: Path) -> Path:
         tensors = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
         save_file(tensors, str(tmp / ARRAYS_FILE), metadata={"schema": result.schema_version})
         (tmp / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
+        _publish_modes(tmp)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,8 +35,8 @@ class ReferenceInfo(BaseModel):
     sha256: str | None
     entropy_nats: float
     eig_floor: float
-    loc: float
-    scale: float
+    spectrum_loc: float
+    spectrum_scale: float
 
 
 class ProposalInfo(BaseModel):
@@ -69,6 +69,7 @@ class NllResult(BaseModel):
     batch_size: int
     selection: str
     rounding: str
+    candidates: dict[str, list[str]] = Field(default_factory=dict)
     estimates: dict[str, EstimateResult]
     evals_per_image: int
     seconds: float

@@ -19,7 +19,7 @@ PointsOpt = Annotated[int, typer.Option(help="logSNR points per image (stratifie
 SeedOpt = Annotated[int, typer.Option(help="Seed for logSNR points, noise and subsets.")]
 BatchOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", help="Network batch size in (image, logSNR) cells [default: by image size]."),
+    typer.Option("--batch-size", help="Network batch size in (image, logSNR) cells (default: by image size)."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 LimitOpt = Annotated[
@@ -31,8 +31,8 @@ OutDirOpt = Annotated[
     typer.Option("--out", "-o", help="Run folder to write (result.json, arrays.safetensors)."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result JSON on stdout instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for machines).")]
 LevelsOpt = Annotated[
     int | None,
-    typer.Option(help="Grey levels of integer .npz data [default: 256 for uint8]."),
+    typer.Option(help="Grey levels of integer .npz data (default: 256 for uint8)."),
 ]

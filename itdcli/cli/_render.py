@@ -28,19 +28,25 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
         TextColumn("{task.fields[rate]} points/s"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True, auto_refresh=False) as bar:
-        task = bar.add_task(label, total=None, rate="-")
-        last = 0.0
+    bar = Progress(*columns, console=err_console, transient=True, auto_refresh=False)
+    task = bar.add_task(label, total=None, rate="-")
+    last = 0.0
 
-        def update(done: int, total: int) -> None:
-            nonlocal last
-            speed = bar.tasks[0].speed
-            bar.update(task, completed=done, total=total, rate=f"{speed:,.0f}" if speed else "-")
-            if time.monotonic() - last > 0.1 or done == total:
-                bar.refresh()
-                last = time.monotonic()
+    def update(done: int, total: int) -> None:
+        """Start the display on the first update, so errors before any work print no bar."""
+        nonlocal last
+        if not bar.live.is_started:
+            bar.start()
+        speed = bar.tasks[0].speed
+        bar.update(task, completed=done, total=total, rate=f"{speed:,.0f}" if speed else "-")
+        if time.monotonic() - last > 0.1 or done == total:
+            bar.refresh()
+            last = time.monotonic()
 
+    try:
         yield update
+    finally:
+        bar.stop()
 
 
 def _pm(value: float, se: float | None) -> str:

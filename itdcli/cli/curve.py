@@ -11,7 +11,7 @@ from itdcli.cli._render import console, progress_bar
 
 def curve_command(
     runs: Annotated[
-        list[Path] | None, typer.Argument(help="Run folders written by itd nll [default: the latest run].")
+        list[Path] | None, typer.Argument(help="Run folders written by itd nll (default: the latest run).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Figure to write: .pdf, .png or .svg.")] = Path("curve.pdf"),
     model: Annotated[str | None, typer.Option("--model", "-m", help="Compute a curve for this model.")] = None,

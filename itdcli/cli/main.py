@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from itdcli.cli.curve import curve_command
 from itdcli.cli.nll import nll_command
@@ -44,17 +44,21 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("ITD_DEBUG") == "1"
     try:
         code = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted; no partial results were written", EXIT_INTERRUPTED)
+    except TyperException as exc:  # typer's usage errors: they print themselves, exit 2
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        code = EXIT_USAGE
     except Exception as exc:
         if debug:
             raise
         _fail_known(exc)
+    if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
+        _fail("interrupted; no partial results were written", EXIT_INTERRUPTED)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -14,7 +14,7 @@ def nll_command(
     discrete: Annotated[bool, typer.Option("--discrete", help="Report the discrete −log P(x) estimate.")] = False,
     estimator: Annotated[
         str | None,
-        typer.Option(help="continuous, discrete, dequantized or all [default: all for discrete data]."),
+        typer.Option(help="continuous, discrete, dequantized or all (default: all for discrete data)."),
     ] = None,
     points: o.PointsOpt = 100,
     seed: o.SeedOpt = 0,
@@ -27,8 +27,14 @@ def nll_command(
     ] = "crossfit",
     rounding: Annotated[str, typer.Option(help="soft or hard rounding for the discrete estimator.")] = "soft",
     scale_constant: Annotated[
-        float | None, typer.Option(help="c in scale = √(1 + c·Var log λ) [default: 3/π, the paper's].")
+        float | None, typer.Option(help="c in scale = √(1 + c·Var log λ) (default: 3/π, the paper's).")
     ] = None,
+    loc: Annotated[float | None, typer.Option(help="Proposal centre (default: −mean log λ of the spectrum).")] = None,
+    scale: Annotated[float | None, typer.Option(help="Proposal scale (default: from the spectrum).")] = None,
+    clip: Annotated[float, typer.Option(help="Default range: loc ± clip·scale.")] = 4.0,
+    scheme: Annotated[
+        str, typer.Option(help="logSNR points per image: stratified or iid (the paper's).")
+    ] = "stratified",
     logsnr_min: Annotated[float | None, typer.Option(help="Lower end of the logSNR range.")] = None,
     logsnr_max: Annotated[float | None, typer.Option(help="Upper end of the logSNR range.")] = None,
     levels: o.LevelsOpt = None,
@@ -50,6 +56,10 @@ def nll_command(
         "selection": selection,
         "rounding": rounding,
         "scale_constant": scale_constant,
+        "loc": loc,
+        "scale": scale,
+        "clip": clip,
+        "scheme": scheme,
         "logsnr_min": logsnr_min,
         "logsnr_max": logsnr_max,
         "levels": levels,

@@ -9,7 +9,11 @@ from torch import Tensor
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """A noise predictor: z (B, ...) on the [−1, 1] data scale and a per-sample logSNR (B,) → ε̂ shaped like z."""
+    """A noise predictor: z (B, ...) float32 on the [−1, 1] scale, logSNR (B,) float64 → ε̂ shaped like z.
+
+    logSNR arrives in float64 so that time maps keep their precision (spec §11.1); cast it if the
+    network needs float32.
+    """
 
     def __call__(self, z: Tensor, logsnr: Tensor) -> Tensor:
         """Predict the channel noise ε from z = a_γ x + b_γ ε."""

@@ -1,0 +1,92 @@
+"""`itd nll` end to end: the table, --json, run records, --out handling."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from itdcli.cli.main import main
+
+FAST = ["--limit", "40", "--points", "16"]
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `itd ARGS` in-process; return exit code, stdout, stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_readme_main_job_prints_finite_bpd_for_every_estimator(itd_home: Path) -> None:
+    """The acceptance command, through the real console script."""
+    cmd = [sys.executable, "-m", "itdcli", "nll", "digits_test", "--model", "gaussian", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout)
+    assert set(result["estimates"]) == {"continuous", "continuous_pointwise", "discrete", "dequantized"}
+    assert all(math.isfinite(e["bpd"]) and e["stderr_bpd"] > 0 for e in result["estimates"].values())
+    assert result["data"]["n_images"] == 360 and result["data"]["levels"] == 17
+    assert Path(result["run_dir"], "result.json").exists()
+    # discrete −log P is bounded by log2(17) bits/dim and by the dequantized bound in expectation
+    est = result["estimates"]
+    assert 0 < est["discrete"]["bpd"] < math.log2(17)
+    assert est["discrete"]["bpd"] < est["dequantized"]["bpd"] + 3 * est["dequantized"]["stderr_bpd"]
+
+
+def test_table_names_the_estimators_and_the_saved_run(capsys: pytest.CaptureFixture[str], itd_home: Path) -> None:
+    code, out, _ = run(["nll", "digits_test", *FAST], capsys)
+    assert code == 0
+    for word in ("continuous", "discrete", "dequantized", "bits/dim", "logSNR range", "saved run"):
+        assert word in out
+    assert (itd_home / "latest-run").read_text().strip() in out
+
+
+def test_discrete_flag_reports_only_the_discrete_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["nll", "digits_test", "--discrete", "--json", *FAST], capsys)
+    assert code == 0
+    assert list(json.loads(out)["estimates"]) == ["discrete"]
+
+
+def test_out_writes_a_complete_record_and_refuses_to_overwrite(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "run"
+    code, _, _ = run(["nll", "digits_test", *FAST, "--out", str(out_dir)], capsys)
+    assert code == 0
+    result = json.loads((out_dir / "result.json").read_text())
+    for key in ("loc", "scale", "scale_constant", "clip", "logsnr_min", "logsnr_max", "scheme"):
+        assert key in result["proposal"]
+    assert result["points"] == 16 and result["seed"] == 0 and result["data"]["sha256"]
+    from safetensors.torch import load_file
+
+    arrays = load_file(str(out_dir / "arrays.safetensors"))
+    assert arrays["bpd/discrete"].shape == (40,) and arrays["mse/round"].shape == (40, 16)
+    before = (out_dir / "result.json").read_bytes()
+    code, _, err = run(["nll", "digits_test", *FAST, "--out", str(out_dir)], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out_dir / "result.json").read_bytes() == before
+    code, _, _ = run(["nll", "digits_test", *FAST, "--seed", "3", "--out", str(out_dir), "--overwrite"], capsys)
+    assert code == 0 and json.loads((out_dir / "result.json").read_text())["seed"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_python_api_matches_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    import itdcli
+
+    code, out, _ = run(["nll", "digits_test", "--json", *FAST], capsys)
+    assert code == 0
+    api = itdcli.nll("digits_test", "gaussian", limit=40, points=16, save=False)
+    cli = json.loads(out)
+    for name, e in api.estimates.items():
+        assert e.bpd == pytest.approx(cli["estimates"][name]["bpd"], rel=1e-12)
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from itdcli.cli.main import app; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
+    helptext = subprocess.run([sys.executable, "-m", "itdcli", "--help"], capture_output=True, text=True, check=True)
+    assert "nll" in helptext.stdout and "curve" in helptext.stdout
