@@ -11,6 +11,7 @@ from torch import Tensor
 from itdcli.core.gaussian import mmse_gaussian
 
 CURVE_KINDS = {"model": "", "round": " (rounded)", "deq": " (dequantized)"}
+CLAMPED = " (clamped to [−1, 1])"
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,12 @@ class Series:
     style: str = "-"
 
 
-def run_series(label: str, arrays: dict[str, Tensor], dim: int) -> list[Series]:
+def run_series(label: str, arrays: dict[str, Tensor], dim: int, discrete: bool) -> list[Series]:
     """Column means over images of each saved error curve of one run."""
     x = arrays["logsnr"].to(torch.float64).mean(0)
+    suffixes = {**CURVE_KINDS, "model": CLAMPED if discrete else ""}
     return [
-        Series(label + suffix, x, arrays[f"mse/{kind}"].to(torch.float64).mean(0) / dim)
+        Series(label + suffixes[kind], x, arrays[f"mse/{kind}"].to(torch.float64).mean(0) / dim)
         for kind, suffix in CURVE_KINDS.items()
         if f"mse/{kind}" in arrays
     ]

@@ -64,7 +64,7 @@ def curve(
         if "logsnr" not in r.arrays:
             raise ItdError(f"run '{r.run_dir}' has no saved curves (arrays.safetensors): rerun itd nll with --out")
         label = r.model if len(results) == 1 else f"{r.model} · {r.data.name}"
-        series += plot.run_series(label, r.arrays, int(torch.tensor(r.data.shape).prod()))
+        series += plot.run_series(label, r.arrays, int(torch.tensor(r.data.shape).prod()), r.data.levels is not None)
     lo = min(r.proposal.logsnr_min for r in results)
     hi = max(r.proposal.logsnr_max for r in results)
     series += plot.reference_series(results[0].arrays["eigvals"], lo, hi)

@@ -1,0 +1,58 @@
+"""`itd curve`: figures from the latest run, from run folders, or computed; bad figure paths."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from itdcli.cli.main import main
+
+FAST = ["--limit", "30", "--points", "12"]
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_curve_without_inputs_draws_the_latest_run_as_pdf_and_png(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(["curve", "--out", str(tmp_path / "none.pdf")], capsys)
+    assert code == 2 and "no saved itd nll run" in err
+    assert run(["nll", "digits_test", *FAST], capsys)[0] == 0
+    pdf, png = tmp_path / "fig.pdf", tmp_path / "fig.png"
+    assert run(["curve", "--out", str(pdf)], capsys)[0] == 0
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.read_bytes().rstrip().endswith(b"%%EOF")
+    code, out, _ = run(["curve", "--out", str(png), "--json"], capsys)
+    assert code == 0 and '"gaussian (rounded)"' in out and '"N(μ,Σ) reference"' in out
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_curve_from_run_folders_and_by_computing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for seed in ("1", "2"):
+        assert run(["nll", "digits_test", *FAST, "--seed", seed, "--out", str(tmp_path / seed)], capsys)[0] == 0
+    svg = tmp_path / "two.svg"
+    code, out, _ = run(["curve", str(tmp_path / "1"), str(tmp_path / "2"), "--out", str(svg), "--json"], capsys)
+    assert code == 0 and out.count("(dequantized)") == 2
+    assert svg.read_text().lstrip().startswith("<?xml") and "</svg>" in svg.read_text()
+    fresh = tmp_path / "fresh.png"
+    args = ["curve", "--model", "gaussian", "--data", "digits_test", *FAST, "--out", str(fresh)]
+    assert run(args, capsys)[0] == 0 and fresh.stat().st_size > 1000
+
+
+def test_bad_figure_paths(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run(["nll", "digits_test", *FAST], capsys)[0] == 0
+    code, _, err = run(["curve", "--out", str(tmp_path / "fig.jpg")], capsys)
+    assert code == 2 and ".pdf, .png or .svg" in err
+    taken = tmp_path / "taken.pdf"
+    taken.write_bytes(b"mine")
+    code, _, err = run(["curve", "--out", str(taken)], capsys)
+    assert code == 2 and "--overwrite" in err and taken.read_bytes() == b"mine"
+    code, _, err = run(["curve", "--model", "gaussian", "--out", str(tmp_path / "x.pdf")], capsys)
+    assert code == 2 and "--data" in err
+    code, _, err = run(["curve", str(tmp_path), "--out", str(tmp_path / "y.pdf")], capsys)
+    assert code == 2 and "not an itd run folder" in err
