@@ -21,7 +21,7 @@ METADATA = {
 
 def digits_arrays() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     """Images (uint8, (1797, 1, 8, 8)) and labels (uint8, (1797,)) from scikit-learn, in its order."""
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = np.asarray(bunch.images)
