@@ -16,17 +16,10 @@ import torch
 from itdcli.api.results import NllResult
 from itdcli.core.gaussian import GaussianReference
 from itdcli.errors import ItdError
+from itdcli.paths import itd_home
 
 RESULT_FILE = "result.json"
 ARRAYS_FILE = "arrays.safetensors"
-
-
-def itd_home() -> Path:
-    """`ITD_HOME`, else `$XDG_CACHE_HOME/itd`, else `~/.cache/itd`."""
-    if os.environ.get("ITD_HOME"):
-        return Path(os.environ["ITD_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "itd"
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
