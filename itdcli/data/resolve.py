@@ -11,6 +11,13 @@ import numpy.typing as npt
 import torch
 
 from itdcli.data.arrays import check_levels, from_array, from_tensor
+from itdcli.data.cifar import (
+    is_cifar_batches_folder,
+    is_cifar_png_folder,
+    load_cifar_batches_folder,
+    load_cifar_png_dataset,
+    split_source,
+)
 from itdcli.data.dataset import Dataset
 from itdcli.data.folders import IMAGE_SUFFIXES, load_folder
 from itdcli.data.npz import load_npz
@@ -57,11 +64,14 @@ def from_path(source: str | os.PathLike[str], levels: int | None) -> Dataset:
         raise ItdError("no data given: the data source is an empty string; give a dataset name or a path")
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_folder(path, levels)
+        return from_folder(path, levels)
     if path.is_file():
         return from_file(path, levels)
     if path.exists():
         raise ItdError(f"{path} is neither a regular file nor a folder; give an image folder or a .npz file")
+    split = split_source(os.fspath(source))
+    if split is not None:
+        return check_same_levels(load_cifar_batches_folder(*split), levels)
     if isinstance(source, str) and not looks_like_path(source):
         names = ", ".join(sorted(REGISTRY))
         raise ItdError(
@@ -69,6 +79,15 @@ def from_path(source: str | os.PathLike[str], levels: int | None) -> Dataset:
             "give a path to an image folder or .npz file"
         )
     raise ItdError(f"no such file or folder: {path}")
+
+
+def from_folder(path: Path, levels: int | None) -> Dataset:
+    """A cifar-10-batches-py folder (test split), an improved-diffusion CIFAR-10 PNG folder, or image folder."""
+    if is_cifar_batches_folder(path):
+        return check_same_levels(load_cifar_batches_folder(path), levels)
+    if is_cifar_png_folder(path):
+        return check_same_levels(load_cifar_png_dataset(path), levels)
+    return load_folder(path, levels)
 
 
 def from_file(path: Path, levels: int | None) -> Dataset:
