@@ -56,6 +56,7 @@ class NllOptions(BaseModel):
     loc: float | None = None
     scale: float | None = Field(None, gt=0)
     levels: int | None = Field(None, ge=2)
+    time_map: Literal["exact", "reference"] = "exact"
     out: Path | None = None
     overwrite: bool = False
     save: bool = True
@@ -192,7 +193,8 @@ def nll(
     resolved = resolve_reference(reference, dataset)
     ref = resolved.ref
     proposal = make_proposal(opts, resolved.spectrum)
-    denoiser = load_model(model, ref)
+    denoiser = load_model(model, ref, opts.time_map)
+    _check_input_shape(denoiser, dataset)
     index = _subset(len(dataset), opts.limit, opts.seed)
     plan = engine.Plan(
         proposal,
@@ -253,7 +255,7 @@ def nll(
         device=str(device),
         precision=runtime.EVAL_PRECISION,
         stderr_method=f"std/sqrt(N) over per-image values; every image draws its own {opts.scheme} points and noise",
-        warnings=scores.warnings + _run_warnings(reference, dataset, proposal),
+        warnings=scores.warnings + _run_warnings(reference, dataset, proposal, denoiser),
         arrays=_arrays(curves, scores, ref, dataset.dim),
     )
     if opts.save:
@@ -281,9 +283,26 @@ def _reference_info(resolved: ResolvedReference, opts: NllOptions) -> ReferenceI
     )
 
 
-def _run_warnings(reference: Any, dataset: Any, proposal: Proposal) -> list[str]:
-    """Warnings about the protocol: a reference fitted on the scored data, a range beyond float32's reach."""
+def _check_input_shape(denoiser: Any, dataset: Any) -> None:
+    """Refuse data whose per-image shape the model does not take, before any work."""
+    shape = getattr(denoiser, "input_shape", None)
+    if shape is not None and tuple(shape) != tuple(dataset.shape):
+        raise ItdError(
+            f"the model takes images of shape {tuple(shape)} (C, H, W) but '{dataset.name}' has "
+            f"{tuple(dataset.shape)}: use data of the model's size"
+        )
+
+
+def _run_warnings(reference: Any, dataset: Any, proposal: Proposal, denoiser: Any) -> list[str]:
+    """Protocol warnings: reference fitted on the scored data, range beyond the model's training or float32."""
     warnings = []
+    trained = getattr(denoiser, "trained_logsnr", None)
+    if trained is not None and (proposal.logsnr_min < trained[0] or proposal.logsnr_max > trained[1]):
+        warnings.append(
+            f"the logSNR range [{proposal.logsnr_min:.2f}, {proposal.logsnr_max:.2f}] goes beyond the model's "
+            f"trained range [{trained[0]:.2f}, {trained[1]:.2f}]: there its time input is clamped and the network "
+            "extrapolates; the estimate stays an upper bound but is looser (set --logsnr-min/--logsnr-max to compare)"
+        )
     if reference is None and dataset.train is None:
         warnings.append(
             f"no training split is known for '{dataset.name}': the Gaussian reference was fitted on the scored "

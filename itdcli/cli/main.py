@@ -9,6 +9,7 @@ import typer
 from typer.exceptions import TyperException
 
 from itdcli.cli.curve import curve_command
+from itdcli.cli.download import download_command
 from itdcli.cli.nll import nll_command
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.command("nll")(nll_command)
 app.command("curve")(curve_command)
+app.command("download")(download_command)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

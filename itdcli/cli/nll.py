@@ -38,6 +38,9 @@ def nll_command(
     logsnr_min: Annotated[float | None, typer.Option(help="Lower end of the logSNR range.")] = None,
     logsnr_max: Annotated[float | None, typer.Option(help="Upper end of the logSNR range.")] = None,
     levels: o.LevelsOpt = None,
+    time_map: Annotated[
+        str, typer.Option(help="logSNR → model time: exact, or reference (the ITD code's, for reproducing the paper).")
+    ] = "exact",
     out: o.OutDirOpt = None,
     overwrite: o.OverwriteOpt = False,
     json_out: o.JsonOpt = False,
@@ -63,6 +66,7 @@ def nll_command(
         "logsnr_min": logsnr_min,
         "logsnr_max": logsnr_max,
         "levels": levels,
+        "time_map": time_map,
         "out": out,
         "overwrite": overwrite,
     }

@@ -34,19 +34,12 @@ import torch
 from itdcli import paths
 from itdcli.data.dataset import Dataset
 from itdcli.data.folders import list_images, read_image, to_rgb
+from itdcli.download import CIFAR_MEMBERS
 from itdcli.errors import ItdError
 
 Split = Literal["train", "test"]
 
-CIFAR_MD5S = {
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-}
+CIFAR_MD5S = CIFAR_MEMBERS  # the published md5s, kept once beside the download artifact
 SPLIT_FILES: dict[str, tuple[str, ...]] = {
     "train": tuple(f"data_batch_{k}" for k in range(1, 6)),
     "test": ("test_batch",),

@@ -8,13 +8,17 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from itdcli.core.gaussian import GaussianReference
 from itdcli.errors import ItdError
 from itdcli.models.base import Denoiser
+from itdcli.paths import ddpm_dir, iddpm_checkpoint
+
+TimeMap = Literal["exact", "reference"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class ModelContext:
     """What a named model may need from the run: the Gaussian reference fitted for the data."""
 
     reference: GaussianReference | None = None
+    time_map: TimeMap = "exact"
 
 
 def _gaussian(ctx: ModelContext) -> Denoiser:
@@ -33,7 +38,37 @@ def _gaussian(ctx: ModelContext) -> Denoiser:
     return GaussianDenoiser(ctx.reference)
 
 
-REGISTRY: dict[str, Callable[[ModelContext], Denoiser]] = {"gaussian": _gaussian}
+def _downloaded(path: Path, name: str) -> Path:
+    """A downloaded model file or folder, or a one-line error saying how to get it."""
+    if not path.exists():
+        raise ItdError(f"model '{name}' is not downloaded: run `itd download {name}` (it goes to {path})")
+    return path
+
+
+def _iddpm(name: str) -> Callable[[ModelContext], Denoiser]:
+    """The OpenAI IDDPM CIFAR-10 checkpoint `name` from the itd home."""
+
+    def build(ctx: ModelContext) -> Denoiser:
+        from itdcli.models.iddpm import load_iddpm
+
+        return load_iddpm(_downloaded(iddpm_checkpoint(name), name), time_map=ctx.time_map)
+
+    return build
+
+
+def _ddpm(ctx: ModelContext) -> Denoiser:
+    """Google's DDPM CIFAR-10 (`google/ddpm-cifar10-32`) from the itd home."""
+    from itdcli.models.diffusers_unet import load_diffusers
+
+    return load_diffusers(str(_downloaded(ddpm_dir(), "ddpm")), time_map=ctx.time_map)
+
+
+REGISTRY: dict[str, Callable[[ModelContext], Denoiser]] = {
+    "gaussian": _gaussian,
+    "iddpm": _iddpm("iddpm"),
+    "iddpm-hybrid": _iddpm("iddpm-hybrid"),
+    "ddpm": _ddpm,
+}
 
 
 def model_names() -> list[str]:
@@ -80,13 +115,38 @@ def as_denoiser(obj: Any, name: str) -> Denoiser:
     return denoiser
 
 
-def load_model(model: str | Denoiser, reference: GaussianReference | None = None) -> Denoiser:
-    """The `Denoiser` that `--model` names: a registered name, `module.path:attribute`, or a callable."""
+def _from_path(path: Path, ctx: ModelContext) -> Denoiser:
+    """A model file or folder: an IDDPM `.pt` state_dict or a diffusers UNet2DModel folder."""
+    from itdcli.models.diffusers_unet import is_diffusers_dir, load_diffusers
+
+    if path.is_dir() and is_diffusers_dir(path):
+        return load_diffusers(str(path), time_map=ctx.time_map)
+    if path.is_file():
+        from itdcli.models.iddpm import load_iddpm
+
+        return load_iddpm(path, time_map=ctx.time_map)
+    raise ItdError(
+        f"'{path}' is neither an IDDPM checkpoint (.pt state_dict) nor a diffusers UNet2DModel folder (config.json)"
+    )
+
+
+def load_model(
+    model: str | Path | Denoiser, reference: GaussianReference | None = None, time_map: TimeMap = "exact"
+) -> Denoiser:
+    """The `Denoiser` that `--model` names: a registered name, a model path, `module.path:attribute`, or a callable."""
+    ctx = ModelContext(reference, time_map)
+    if isinstance(model, Path):
+        return _from_path(model, ctx)
     if not isinstance(model, str):
         return as_denoiser(model, type(model).__name__)
     if model in REGISTRY:
-        return REGISTRY[model](ModelContext(reference))
-    if ":" in model and not os.path.exists(model):
+        return REGISTRY[model](ctx)
+    if os.path.exists(model):
+        return _from_path(Path(model), ctx)
+    if ":" in model:
         return as_denoiser(_import_attribute(model), model)
     known = ", ".join(model_names())
-    raise ItdError(f"unknown model '{model}': use one of {known}, or module.path:attribute for your own network")
+    raise ItdError(
+        f"unknown model '{model}': not a file or folder; use one of {known}, a checkpoint path, "
+        "or module.path:attribute for your own network"
+    )

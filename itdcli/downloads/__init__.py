@@ -1,0 +1,1 @@
+"""Helpers of `itdcli.download`: HTTP streaming with resume, safe tar extraction, the manifest, the Hub snapshot."""
