@@ -17,8 +17,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "itdcli", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "itdcli", "tests", "noxfile.py")
+    session.run("ruff", "check", "itdcli", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "itdcli", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session

@@ -55,10 +55,22 @@ def main(reps: int = 10, n: int = 300, points: int = 256, d: int = 8) -> None:
         x, train = mix.sample(n, g), mix.sample(4000, g)
         exact = float(mix.nll(x).mean()) / (d * math.log(2))
         for rule in rows:
-            r = itdcli.nll(x.float(), mix, reference=train.float(), points=points, seed=rep, selection=rule,
-                           logsnr_min=-12.0, logsnr_max=16.0, proposal="uniform", save=False)
+            r = itdcli.nll(
+                x.float(),
+                mix,
+                reference=train.float(),
+                points=points,
+                seed=rep,
+                selection=rule,
+                logsnr_min=-12.0,
+                logsnr_max=16.0,
+                proposal="uniform",
+                save=False,
+            )
             rows[rule].append(r.estimates["continuous"].bpd - exact)
-    print(f"{'selection':<10} {'mean error (bpd)':>18} {'stderr':>8}   ({reps} repetitions, {n} images, {points} points)")
+    print(
+        f"{'selection':<10} {'mean error (bpd)':>18} {'stderr':>8}   ({reps} repetitions, {n} images, {points} points)"
+    )
     out = {}
     for rule, errs in rows.items():
         t = torch.tensor(errs)
