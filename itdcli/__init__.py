@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from itdcli.api.curve import curve
+    from itdcli.api.finetune import FinetuneOptions, FinetuneResult, finetune
     from itdcli.api.nll import NllOptions, nll
     from itdcli.api.results import CurveResult, NllResult
     from itdcli.core.gaussian import GaussianReference
@@ -22,6 +23,9 @@ _EXPORTS = {
     "nll": "itdcli.api.nll",
     "NllOptions": "itdcli.api.nll",
     "curve": "itdcli.api.curve",
+    "finetune": "itdcli.api.finetune",
+    "FinetuneOptions": "itdcli.api.finetune",
+    "FinetuneResult": "itdcli.api.finetune",
     "NllResult": "itdcli.api.results",
     "CurveResult": "itdcli.api.results",
     "GaussianReference": "itdcli.core.gaussian",
@@ -35,11 +39,14 @@ __all__ = [
     "CurveResult",
     "Dataset",
     "Denoiser",
+    "FinetuneOptions",
+    "FinetuneResult",
     "GaussianReference",
     "ItdError",
     "NllOptions",
     "NllResult",
     "curve",
+    "finetune",
     "load_data",
     "load_model",
     "nll",

@@ -119,6 +119,26 @@ def _errors_for(
     return out
 
 
+def _sharded(index: Tensor) -> bool:
+    """Whether the ranks split `index`: under torchrun with at least one image per rank."""
+    return 1 < runtime.world_size() <= len(index)
+
+
+def local_rows(index: Tensor) -> Tensor:
+    """The images of `index` this rank evaluates: its shard under torchrun, all of them when there are too few."""
+    return runtime.shard(index) if _sharded(index) else index
+
+
+def _gather(part: Curves, index: Tensor, proposal: Proposal) -> Curves:
+    """Every rank's shard of the curves, reassembled on every rank in the order of `index`."""
+    if not _sharded(index):
+        return part
+    n = len(index)
+    g = runtime.gather_shards(part.logsnr, n)
+    errors = {name: runtime.gather_shards(err, n) for name, err in part.errors.items()}
+    return Curves(runtime.gather_shards(part.index, n), g, proposal.weight(g), errors)
+
+
 def evaluate(
     model: Denoiser,
     data: Dataset,
@@ -128,8 +148,27 @@ def evaluate(
     index: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Curves:
-    """Every candidate's per-cell error for the images `index` of `data` (default all) under `plan`."""
+    """Every candidate's per-cell error for the images `index` of `data` (default all) under `plan`.
+
+    Under torchrun (joining its process group if need be) each rank evaluates its `local_rows`, and every
+    rank returns all rows in `index` order; `progress` counts this rank's cells.
+    """
     index = torch.arange(len(data)) if index is None else index
+    runtime.init_distributed(device)
+    part = _evaluate(model, data, ref, plan, device, local_rows(index), progress)
+    return _gather(part, index, plan.proposal)
+
+
+def _evaluate(
+    model: Denoiser,
+    data: Dataset,
+    ref: GaussianReference,
+    plan: Plan,
+    device: torch.device,
+    index: Tensor,
+    progress: Callable[[int], None] | None,
+) -> Curves:
+    """The curves of the images `index`, evaluated in this process alone."""
     ref = GaussianReference(ref.mean.to(device), ref.eigvecs.to(device), ref.eigvals.to(device))
     if isinstance(model, torch.nn.Module):
         model.to(device)

@@ -3,3 +3,7 @@
 
 class ItdError(Exception):
     """A problem with the user's input that the user can fix; the message says what and how."""
+
+
+class ItdInterrupted(ItdError):
+    """Ctrl-C during a long run that has saved what it had; `itd` exits with 130."""

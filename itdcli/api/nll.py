@@ -179,6 +179,8 @@ def nll(
     `data` is a dataset name, a path (image folder, .npz), a tensor or a `Dataset`; `model` a registered
     name, `module.path:attribute`, or any callable eps_hat = model(z, logsnr). `progress(done, total)`
     is called as cells are evaluated. The run is kept as a record under `out` or the itd home's runs/.
+    Under torchrun the ranks share the images and all return the same result; only rank 0 reports
+    progress and writes the record.
     """
     from itdcli import __version__, engine, runtime, scoring
     from itdcli.data import load_data
@@ -189,7 +191,7 @@ def nll(
         records.check_out_dir(opts.out, opts.overwrite)
     dataset = load_data(data, levels=opts.levels)
     names = _estimator_names(opts, dataset.levels is not None)
-    device = runtime.resolve_device(opts.device)
+    device = runtime.local_device(opts.device)
     resolved = resolve_reference(reference, dataset)
     ref = resolved.ref
     proposal = make_proposal(opts, resolved.spectrum)
@@ -206,13 +208,15 @@ def nll(
         want_round="discrete" in names,
         want_deq="dequantized" in names,
     )
-    total = len(index) * opts.points
+    runtime.init_distributed(device)
+    runtime.barrier()  # every rank has checked its inputs and --out before rank 0 can write
+    total = len(engine.local_rows(index)) * opts.points
     done = 0
 
     def tick(n: int) -> None:
         nonlocal done
         done += n
-        if progress is not None:
+        if progress is not None and runtime.is_main():
             progress(done, total)
 
     start = time.perf_counter()
@@ -248,6 +252,7 @@ def nll(
         batch_size=plan.batch_size,
         selection=opts.selection,
         rounding=opts.rounding,
+        time_map=str(getattr(denoiser, "time_map", opts.time_map)),
         candidates={k: list(v) for k, v in scores.candidates.items()},
         estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in names},
         evals_per_image=engine.evals_per_image(plan),
@@ -259,8 +264,26 @@ def nll(
         arrays=_arrays(curves, scores, ref, dataset.dim),
     )
     if opts.save:
-        records.write_run(result, opts.out or records.new_run_dir(result.model, dataset.name))
+        _save(result, opts.out, dataset.name)
     return result
+
+
+def _save(result: NllResult, out: Path | None, data_name: str) -> None:
+    """Rank 0 writes the run record; every rank gets its folder in `run_dir`, or fails with rank 0's error."""
+    from itdcli import runtime
+
+    failure: Exception | None = None
+    if runtime.is_main():
+        try:
+            records.write_run(result, out or records.new_run_dir(result.model, data_name))
+        except Exception as exc:
+            failure = exc
+    run_dir, message = runtime.broadcast_object((result.run_dir, None if failure is None else str(failure)))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ItdError(f"rank 0 could not write the run record: {message}")
+    result.run_dir = run_dir
 
 
 def _model_name(model: Any) -> str:
@@ -301,7 +324,7 @@ def _run_warnings(reference: Any, dataset: Any, proposal: Proposal, denoiser: An
         warnings.append(
             f"the logSNR range [{proposal.logsnr_min:.2f}, {proposal.logsnr_max:.2f}] goes beyond the model's "
             f"trained range [{trained[0]:.2f}, {trained[1]:.2f}]: there its time input is clamped and the network "
-            "extrapolates; the estimate stays an upper bound but is looser (set --logsnr-min/--logsnr-max to compare)"
+            "extrapolates; the estimators stay valid but the bounds are looser (compare with --logsnr-min/--logsnr-max)"
         )
     if reference is None and dataset.train is None:
         warnings.append(

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,21 +68,28 @@ def _publish_modes(folder: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def write_run(result: NllResult, out: Path) -> Path:
-    """Write result.json and arrays.safetensors into a temporary sibling folder, then rename it to `out`."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `out` whole, on failure it vanishes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".itd-tmp-", dir=out.parent))
     try:
-        result.run_dir = str(out.resolve())
-        tensors = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
-        save_file(tensors, str(tmp / ARRAYS_FILE), metadata={"schema": result.schema_version})
-        (tmp / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
+        yield tmp
         _publish_modes(tmp)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_run(result: NllResult, out: Path) -> Path:
+    """Write result.json and arrays.safetensors into a temporary sibling folder, then rename it to `out`."""
+    from safetensors.torch import save_file
+
+    result.run_dir = str(out.resolve())
+    with atomic_folder(out) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
+        save_file(tensors, str(tmp / ARRAYS_FILE), metadata={"schema": result.schema_version})
+        (tmp / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
     _remember_latest(out.resolve())
     return out
 

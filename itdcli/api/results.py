@@ -69,6 +69,7 @@ class NllResult(BaseModel):
     batch_size: int
     selection: str
     rounding: str
+    time_map: str = "exact"
     candidates: dict[str, list[str]] = Field(default_factory=dict)
     estimates: dict[str, EstimateResult]
     evals_per_image: int

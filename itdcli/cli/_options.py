@@ -7,7 +7,11 @@ import typer
 
 ModelOpt = Annotated[
     str,
-    typer.Option("--model", "-m", help="Model: a registered name (gaussian) or module.path:attribute for your own."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model: gaussian, iddpm, iddpm-hybrid, ddpm, a checkpoint path or folder, or module.path:attribute.",
+    ),
 ]
 ReferenceOpt = Annotated[
     str | None,
@@ -15,7 +19,7 @@ ReferenceOpt = Annotated[
         help="Data for the Gaussian reference N(μ,Σ) (default: the family's training split), or standard-normal."
     ),
 ]
-PointsOpt = Annotated[int, typer.Option(help="logSNR points per image (stratified in the proposal's CDF).")]
+PointsOpt = Annotated[int, typer.Option(help="logSNR points per image, drawn from the proposal (see --scheme).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for logSNR points, noise and subsets.")]
 BatchOpt = Annotated[
     int | None,

@@ -10,6 +10,7 @@ from typer.exceptions import TyperException
 
 from itdcli.cli.curve import curve_command
 from itdcli.cli.download import download_command
+from itdcli.cli.finetune import finetune_command
 from itdcli.cli.nll import nll_command
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.command("nll")(nll_command)
 app.command("curve")(curve_command)
 app.command("download")(download_command)
+app.command("finetune")(finetune_command)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -68,8 +70,10 @@ def _fail_known(exc: Exception) -> None:
     """Map an exception to its one-line message and exit code."""
     from pydantic import ValidationError
 
-    from itdcli.errors import ItdError
+    from itdcli.errors import ItdError, ItdInterrupted
 
+    if isinstance(exc, ItdInterrupted):
+        _fail(str(exc), EXIT_INTERRUPTED)
     if isinstance(exc, ItdError):
         _fail(str(exc), EXIT_USAGE)
     if isinstance(exc, ValidationError):

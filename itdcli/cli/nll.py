@@ -9,7 +9,12 @@ from itdcli.cli._render import err_console, print_nll, progress_bar
 
 
 def nll_command(
-    data: Annotated[str, typer.Argument(help="Dataset: digits_test, digits_train, an image folder or a .npz file.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Dataset: digits_test, cifar_test (after itd download cifar10), an image folder, a .npz file."
+        ),
+    ],
     model: o.ModelOpt = "gaussian",
     discrete: Annotated[bool, typer.Option("--discrete", help="Report the discrete −log P(x) estimate.")] = False,
     estimator: Annotated[
@@ -46,6 +51,7 @@ def nll_command(
     json_out: o.JsonOpt = False,
 ) -> None:
     """Estimate −log p(x) and −log P(x) in bits/dim with honest standard errors."""
+    from itdcli import runtime
     from itdcli.api.nll import NllOptions, nll
 
     fields: dict[str, Any] = {
@@ -73,6 +79,8 @@ def nll_command(
     options = NllOptions.model_validate({k: v for k, v in fields.items() if v is not None})
     with progress_bar("nll") as advance:
         result = nll(data, model, reference=reference, progress=advance, **options.model_dump())
+    if not runtime.is_main():
+        return
     for line in result.warnings:
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
     if json_out:

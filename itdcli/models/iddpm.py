@@ -31,7 +31,7 @@ __all__ = [
     "t_net_reference",
 ]
 
-TimeMap = Literal["exact", "reference"]
+TimeMap = Literal["exact", "reference", "logsnr"]
 STEPS = 4000
 COSINE_S = 0.008
 MAX_BETA = 0.999
@@ -82,7 +82,16 @@ def t_net_reference(logsnr: Tensor) -> Tensor:
     return torch.clamp(1000 * _tau_c(logsnr), 0.0, 1000.0)
 
 
-TIME_MAPS: dict[str, Callable[[Tensor], Tensor]] = {"exact": t_net_exact, "reference": t_net_reference}
+def t_net_logsnr(logsnr: Tensor) -> Tensor:
+    """Unclamped affine time input 500 − 40γ for networks trained by itd on logSNR directly (no schedule)."""
+    return 500.0 - 40.0 * torch.as_tensor(logsnr).to(F64)
+
+
+TIME_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "exact": t_net_exact,
+    "reference": t_net_reference,
+    "logsnr": t_net_logsnr,
+}
 
 
 class IDDPMDenoiser(nn.Module):

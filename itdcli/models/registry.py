@@ -117,8 +117,11 @@ def as_denoiser(obj: Any, name: str) -> Denoiser:
 
 def _from_path(path: Path, ctx: ModelContext) -> Denoiser:
     """A model file or folder: an IDDPM `.pt` state_dict or a diffusers UNet2DModel folder."""
+    from itdcli.models.checkpoints import checkpoint_dir, load_checkpoint
     from itdcli.models.diffusers_unet import is_diffusers_dir, load_diffusers
 
+    if path.is_dir() and checkpoint_dir(path) is not None:
+        return load_checkpoint(path)
     if path.is_dir() and is_diffusers_dir(path):
         return load_diffusers(str(path), time_map=ctx.time_map)
     if path.is_file():
@@ -126,7 +129,8 @@ def _from_path(path: Path, ctx: ModelContext) -> Denoiser:
 
         return load_iddpm(path, time_map=ctx.time_map)
     raise ItdError(
-        f"'{path}' is neither an IDDPM checkpoint (.pt state_dict) nor a diffusers UNet2DModel folder (config.json)"
+        f"'{path}' is not a model: expected an IDDPM .pt state_dict, a diffusers UNet2DModel folder (config.json) "
+        "or an itd checkpoint folder (itd-model.json)"
     )
 
 
@@ -145,6 +149,10 @@ def load_model(
         return _from_path(Path(model), ctx)
     if ":" in model:
         return as_denoiser(_import_attribute(model), model)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        from itdcli.models.diffusers_unet import load_diffusers
+
+        return load_diffusers(model, time_map=ctx.time_map)  # a Hub id already in the local cache
     known = ", ".join(model_names())
     raise ItdError(
         f"unknown model '{model}': not a file or folder; use one of {known}, a checkpoint path, "

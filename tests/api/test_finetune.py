@@ -1,0 +1,75 @@
+"""`itd finetune`: the objective lowers the loss, runs resume exactly, bad input is refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import itdcli
+from itdcli.api.finetune import finetune
+from itdcli.cli.main import main
+from itdcli.errors import ItdError
+
+TINY = "iddpm:channels=32,res_blocks=1,mult=1,attn=none,heads=4,dropout=0.1"
+FAST = {"init": "scratch", "arch": TINY, "batch_size": 32, "log_every": 1, "device": "cpu"}
+
+
+def _weights(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoint" / name))
+
+
+def test_resuming_reproduces_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    finetune(None, "digits_train", out=straight, steps=6, save_every=3, **FAST)
+    split = tmp_path / "split"
+    finetune(None, "digits_train", out=split, steps=3, **FAST)
+    finetune(None, "digits_train", out=split, steps=6, resume=True, **FAST)
+    for name in ("raw.safetensors", "model.safetensors"):
+        a, b = _weights(straight, name), _weights(split, name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_from_scratch_lowers_the_itd_loss_on_held_out_digits(tmp_path: Path) -> None:
+    common = {"points": 8, "limit": 120, "seed": 3, "selection": "none", "estimator": "continuous", "save": False}
+    out = tmp_path / "run"
+    finetune(None, "digits_train", out=out, steps=1, ema_decay=0.0, **{**FAST, "log_every": 1})
+    before = itdcli.nll("digits_test", str(out), **common).estimates["continuous"].bpd
+    finetune(None, "digits_train", out=out, steps=120, ema_decay=0.0, lr=1e-3, resume=True, **FAST)
+    after = itdcli.nll("digits_test", str(out), **common).estimates["continuous"].bpd
+    assert after < before - 0.1, (before, after)
+
+
+def test_an_out_folder_with_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    finetune(None, "digits_train", out=out, steps=1, **FAST)
+    args = ["finetune", "--init", "scratch", "--arch", TINY, "--steps", "1", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(ItdError, match="nothing to resume"):
+        finetune(None, "digits_train", out=tmp_path / "empty", steps=1, resume=True, **FAST)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ItdError, match="bf16 needs a CUDA"):
+        finetune(None, "digits_train", out=tmp_path / "a", steps=1, precision="bf16", **FAST)
+    with pytest.raises(ItdError, match="cannot be fine-tuned"):
+        finetune("gaussian", "digits_train", out=tmp_path / "b", steps=1, batch_size=32)
+    with pytest.raises(ItdError, match="non-finite at step"):
+        finetune(None, "digits_train", out=tmp_path / "c", steps=40, lr=1e12, grad_clip=0.0, **FAST)
+
+
+def test_a_trained_run_is_a_model_for_nll(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    finetune(None, "digits_train", out=out, steps=2, eval_data="digits_test", eval_points=4, eval_limit=20, **FAST)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "itd_loss" in lines[-1]["eval"] and (out / "metrics.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["nll", "digits_test", "--model", str(out), "--limit", "10", "--points", "4", "--json"])
+    assert exit_info.value.code == 0 and '"discrete"' in capsys.readouterr().out
