@@ -63,8 +63,19 @@ def _ddpm(ctx: ModelContext) -> Denoiser:
     return load_diffusers(str(_downloaded(ddpm_dir(), "ddpm")), time_map=ctx.time_map)
 
 
+def _digits(ctx: ModelContext) -> Denoiser:
+    """The bundled demo model: a small IDDPM-architecture UNet trained by `itd finetune --init scratch` on digits."""
+    from importlib.resources import as_file, files
+
+    from itdcli.models.checkpoints import load_checkpoint
+
+    with as_file(files("itdcli.models") / "digits") as folder:
+        return load_checkpoint(Path(folder))
+
+
 REGISTRY: dict[str, Callable[[ModelContext], Denoiser]] = {
     "gaussian": _gaussian,
+    "digits": _digits,
     "iddpm": _iddpm("iddpm"),
     "iddpm-hybrid": _iddpm("iddpm-hybrid"),
     "ddpm": _ddpm,

@@ -73,3 +73,17 @@ def test_a_trained_run_is_a_model_for_nll(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit) as exit_info:
         main(["nll", "digits_test", "--model", str(out), "--limit", "10", "--points", "4", "--json"])
     assert exit_info.value.code == 0 and '"discrete"' in capsys.readouterr().out
+
+
+def test_a_short_finetune_of_the_bundled_digits_model_lowers_its_itd_loss(tmp_path: Path) -> None:
+    """Same logSNR points and noise before and after (common random numbers), so the paired difference is sharp."""
+    import math
+
+    common = {"points": 16, "limit": 200, "seed": 3, "selection": "none", "estimator": "continuous", "save": False}
+    before = itdcli.nll("digits_test", "digits", **common).arrays["bpd/continuous"]
+    out = tmp_path / "tuned"
+    finetune("digits", "digits_train", out=out, steps=60, lr=1e-4, batch_size=64, ema_decay=0.0, device="cpu")
+    after = itdcli.nll("digits_test", str(out), **common).arrays["bpd/continuous"]
+    diff = after - before
+    se = float(diff.std()) / math.sqrt(diff.numel())
+    assert float(diff.mean()) < -3 * se, (float(diff.mean()), se)
