@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from itdcli.api.curve import curve
+    from itdcli.api.ensemble import EnsembleResult, ensemble
     from itdcli.api.finetune import FinetuneOptions, FinetuneResult, finetune
     from itdcli.api.nll import NllOptions, nll
     from itdcli.api.results import CurveResult, NllResult
@@ -23,6 +24,8 @@ _EXPORTS = {
     "nll": "itdcli.api.nll",
     "NllOptions": "itdcli.api.nll",
     "curve": "itdcli.api.curve",
+    "ensemble": "itdcli.api.ensemble",
+    "EnsembleResult": "itdcli.api.ensemble",
     "finetune": "itdcli.api.finetune",
     "FinetuneOptions": "itdcli.api.finetune",
     "FinetuneResult": "itdcli.api.finetune",
@@ -39,6 +42,7 @@ __all__ = [
     "CurveResult",
     "Dataset",
     "Denoiser",
+    "EnsembleResult",
     "FinetuneOptions",
     "FinetuneResult",
     "GaussianReference",
@@ -46,6 +50,7 @@ __all__ = [
     "NllOptions",
     "NllResult",
     "curve",
+    "ensemble",
     "finetune",
     "load_data",
     "load_model",

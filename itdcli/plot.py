@@ -44,7 +44,18 @@ def reference_series(eigvals: Tensor, lo: float, hi: float) -> list[Series]:
     ]
 
 
-def draw(series: list[Series], title: str, path: Path) -> None:
+def ensemble_series(arrays: dict[str, Tensor], eigvals: Tensor) -> list[tuple[Series, Series]]:
+    """Per estimator kind, the ensemble's chosen-error curve and the N(μ, Σ) curve at the same logSNR (to shade)."""
+    x = arrays["ensemble/logsnr"].to(torch.float64).mean(0)
+    dim = eigvals.numel()
+    ref = Series("", x, mmse_gaussian(x, eigvals) / dim)
+    kinds = [k for k in ("continuous", "discrete") if f"ensemble/{k}" in arrays]
+    return [
+        (Series(f"ensemble ({k})", x, arrays[f"ensemble/{k}"].to(torch.float64).mean(0) / dim, "-"), ref) for k in kinds
+    ]
+
+
+def draw(series: list[Series], title: str, path: Path, shade: list[tuple[Series, Series]] | None = None) -> None:
     """Write the figure to `path`; the format follows its suffix (pdf, png, svg)."""
     import matplotlib
 
@@ -54,6 +65,9 @@ def draw(series: list[Series], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.0, 4.5), constrained_layout=True)
     for s in series:
         ax.plot(s.logsnr.numpy(), s.mse.numpy(), s.style, label=s.label, linewidth=1.6)
+    for curve, ref in shade or []:
+        ax.plot(curve.logsnr.numpy(), curve.mse.numpy(), "k-", label=curve.label, linewidth=2.2)
+        ax.fill_between(curve.logsnr.numpy(), curve.mse.numpy(), ref.mse.numpy(), alpha=0.15, label="gap to N(μ,Σ)")
     ax.set_xlabel("logSNR γ")
     ax.set_ylabel("ε-MSE per dimension, E‖ε − ε̂‖² / d")
     ax.set_ylim(bottom=0)

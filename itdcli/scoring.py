@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +35,27 @@ class Scores:
     warnings: list[str] = field(default_factory=list)
 
 
-def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores) -> Tensor:
+@dataclass(frozen=True)
+class Rule:
+    """How the denoiser is chosen per point column: candidate names per estimator, and optional selection means.
+
+    Without `select_means` the choice follows `selection` over the scored images (crossfit folds by default);
+    with it, each column takes the candidate whose mean error on separate selection data is lowest.
+    """
+
+    candidates: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(CANDIDATES))
+    select_means: Mapping[str, Tensor] | None = None
+
+
+def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores, rule: Rule) -> Tensor:
     """The per-cell error of the denoiser chosen per point column among the kind's candidates."""
-    names = tuple(n for n in CANDIDATES[kind] if n in curves.errors)
+    names = tuple(n for n in rule.candidates[kind] if n in curves.errors)
     stack = torch.stack([curves.errors[n] for n in names])
-    choice = est.choose(stack, folds, selection)
+    if rule.select_means is None:
+        choice = est.choose(stack, folds, selection)
+    else:
+        means = torch.stack([rule.select_means[n] for n in names])
+        choice = means.argmin(0).expand(stack.shape[1], -1).clone()
     out.choice[kind], out.candidates[kind] = choice, names
     return est.chosen(stack, choice)
 
@@ -52,26 +69,28 @@ def score(
     names: list[str],
     selection: est.Selection,
     seed: int,
+    rule: Rule | None = None,
 ) -> Scores:
     """Every requested estimator from one set of curves; `values` are the scored images on the model scale."""
+    rule = rule or Rule()
     out = Scores()
     folds = est.crossfit_folds(len(curves.index), 2, torch.Generator().manual_seed(seed + 1))
     mmse_g = ref.mmse(curves.logsnr)
     w = curves.weight
     if "continuous" in names or "continuous_pointwise" in names:
-        e = _pick(curves, "continuous", folds, selection, out)
+        e = _pick(curves, "continuous", folds, selection, out, rule)
         out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e)
         gauss = curves.errors["gauss"]
         out.estimates["continuous_pointwise"] = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e)
         out.integrands["continuous"] = 0.5 * (gauss - e)
     if "discrete" in names and levels:
-        e = _pick(curves, "discrete", folds, selection, out)
+        e = _pick(curves, "discrete", folds, selection, out, rule)
         left = ref.left_tail(proposal.logsnr_min, ref.whiten(values))
         right = est.right_tail(proposal.logsnr_max, ref.dim, levels)
         out.estimates["discrete"] = est.nll_discrete(left, right, w, e)
         out.integrands["discrete"] = 0.5 * e
     if "dequantized" in names and levels:
-        e = _pick(curves, "dequantized", folds, selection, out)
+        e = _pick(curves, "dequantized", folds, selection, out, rule)
         out.estimates["dequantized"] = est.nll_dequantized(ref.entropy(), mmse_g, w, e, ref.dim, levels)
         out.integrands["dequantized"] = 0.5 * (curves.errors["gauss_deq"] - e)
     out.warnings = _edge_warnings(out.integrands, proposal, ref.dim, levels)

@@ -54,11 +54,21 @@ def curve(
     import torch
 
     from itdcli import plot
+    from itdcli.api.ensemble import ENSEMBLE_FILE, read_ensemble
     from itdcli.api.nll import nll
 
     out = Path(out)
     _check_figure_path(out, overwrite)
-    results = _gather(runs, model, data, lambda: nll(data, model, progress=progress, **nll_options))
+    plain: list[str | Path | NllResult] = []
+    shade: list[tuple[plot.Series, plot.Series]] = []
+    for r in runs:
+        if not isinstance(r, NllResult) and (Path(r) / ENSEMBLE_FILE).exists():
+            ens, members = read_ensemble(Path(r))
+            plain += members
+            shade += plot.ensemble_series(ens.arrays, members[0].arrays["eigvals"])
+        else:
+            plain.append(r)
+    results = _gather(plain, model, data, lambda: nll(data, model, progress=progress, **nll_options))
     series: list[plot.Series] = []
     for r in results:
         if "logsnr" not in r.arrays:
@@ -72,7 +82,7 @@ def curve(
     fd, tmp = tempfile.mkstemp(prefix=".itd-fig-", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     try:
-        plot.draw(series, f"ε-MSE curves on {title}", Path(tmp))
+        plot.draw(series, f"ε-MSE curves on {title}", Path(tmp), shade)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

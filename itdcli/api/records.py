@@ -81,7 +81,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_run(result: NllResult, out: Path) -> Path:
+def write_run(result: NllResult, out: Path, remember: bool = True) -> Path:
     """Write result.json and arrays.safetensors into a temporary sibling folder, then rename it to `out`."""
     from safetensors.torch import save_file
 
@@ -90,11 +90,12 @@ def write_run(result: NllResult, out: Path) -> Path:
         tensors = {k: v.detach().cpu().contiguous() for k, v in result.arrays.items()}
         save_file(tensors, str(tmp / ARRAYS_FILE), metadata={"schema": result.schema_version})
         (tmp / RESULT_FILE).write_text(result.model_dump_json(indent=2) + "\n")
-    _remember_latest(out.resolve())
+    if remember:
+        remember_latest(out.resolve())
     return out
 
 
-def _remember_latest(run: Path) -> None:
+def remember_latest(run: Path) -> None:
     """Point the itd home's `latest-run` file at `run`, atomically."""
     home = itd_home()
     with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ from typer.exceptions import TyperException
 
 from itdcli.cli.curve import curve_command
 from itdcli.cli.download import download_command
+from itdcli.cli.ensemble import ensemble_command
 from itdcli.cli.finetune import finetune_command
 from itdcli.cli.nll import nll_command
 
@@ -24,6 +25,7 @@ app.command("nll")(nll_command)
 app.command("curve")(curve_command)
 app.command("download")(download_command)
 app.command("finetune")(finetune_command)
+app.command("ensemble")(ensemble_command)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

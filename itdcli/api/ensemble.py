@@ -1,0 +1,243 @@
+"""`itdcli.ensemble`: per-logSNR choice among several denoisers for a tighter likelihood (spec §9).
+
+Every member is evaluated on the same images with the same logSNR points and noise (each image's draws depend
+only on the seed and its index), the Gaussian reference is always a member, and the choice per point column is
+made on selection data that is never the data being scored: the other crossfit fold (default), a held-out
+fraction of DATA, or separate data (`select_on`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from itdcli.api import records
+from itdcli.api.results import EstimateResult, NllResult
+from itdcli.errors import ItdError
+
+ENSEMBLE_FILE = "ensemble.json"
+KINDS = {"continuous": ("model",), "discrete": ("model", "round"), "dequantized": ("deq",)}
+GAUSS = {"continuous": "gauss", "discrete": "gauss", "dequantized": "gauss_deq"}
+REFERENCE = "N(μ,Σ) reference"
+
+
+class Interval(BaseModel):
+    """A logSNR interval on which one member wins the selection."""
+
+    logsnr_from: float
+    logsnr_to: float
+    member: str
+
+
+class EnsembleResult(BaseModel):
+    """The ensemble's estimates beside each member's, the winners per logSNR interval, and where it was saved."""
+
+    schema_version: str = "itd.ensemble/1"
+    data: str
+    members: dict[str, dict[str, EstimateResult]]
+    ensemble: dict[str, EstimateResult]
+    winners: dict[str, list[Interval]]
+    selection: str
+    points: int
+    seed: int
+    run_dir: str | None = None
+    member_runs: list[str] = Field(default_factory=list)
+    arrays: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+
+
+def _check_compatible(results: Sequence[NllResult]) -> None:
+    """Members must share data, images, points, seed and proposal, i.e. the same logSNR points and noise."""
+    first = results[0]
+    for r in results[1:]:
+        same = (
+            r.data.sha256 == first.data.sha256
+            and (r.points, r.seed, r.proposal) == (first.points, first.seed, first.proposal)
+            and torch.equal(r.arrays["index"], first.arrays["index"])
+            and torch.equal(r.arrays["logsnr"], first.arrays["logsnr"])
+        )
+        if not same:
+            raise ItdError(
+                f"runs of '{first.model}' and '{r.model}' do not share data, points, seed and logSNR range: "
+                "rerun them with the same itd nll options, or let itd ensemble compute them"
+            )
+
+
+def _labels(results: Sequence[NllResult]) -> list[str]:
+    """Member names, made unique."""
+    names: list[str] = []
+    for r in results:
+        name = Path(r.model).name or r.model
+        names.append(name if name not in names else f"{name}#{len(names)}")
+    return names
+
+
+def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, dict[str, tuple[str, ...]]]:
+    """One set of curves holding every member's errors and the Gaussian's, with candidates per estimator."""
+    from itdcli.engine import Curves
+
+    a = results[0].arrays
+    errors = {k: a[f"mse/{k}"].double() for k in ("gauss", "gauss_deq") if f"mse/{k}" in a}
+    for label, r in zip(labels, results, strict=True):
+        errors.update({f"{label}/{k}": v.double() for k, v in _errors_of(r).items()})
+    candidates = {
+        kind: (GAUSS[kind], *[f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors])
+        for kind, kinds in KINDS.items()
+    }
+    return Curves(a["index"], a["logsnr"].double(), a["weight"].double(), errors), candidates
+
+
+def _errors_of(r: NllResult) -> dict[str, torch.Tensor]:
+    """A run's own model errors (clamped or raw, rounded, dequantized)."""
+    return {k: r.arrays[f"mse/{k}"] for k in ("model", "round", "deq") if f"mse/{k}" in r.arrays}
+
+
+def _select_means(curves: Any, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean error per point column of every candidate over the selection images `rows`."""
+    return {name: err[rows].mean(0) for name, err in curves.errors.items()}
+
+
+def _restrict(curves: Any, rows: torch.Tensor) -> Any:
+    """The curves of the images `rows` only."""
+    from itdcli.engine import Curves
+
+    errors = {k: v[rows] for k, v in curves.errors.items()}
+    return Curves(curves.index[rows], curves.logsnr[rows], curves.weight[rows], errors)
+
+
+def _winners(curves: Any, candidates: dict[str, tuple[str, ...]], proposal: Any, means: Any) -> dict[str, Any]:
+    """Per estimator, the member with the lowest selection mean on each run of point columns, as logSNR intervals."""
+    points = curves.logsnr.shape[1]
+    edges = proposal.icdf(torch.linspace(0, 1, points + 1, dtype=torch.float64)).tolist()
+    table: dict[str, list[Interval]] = {}
+    for kind, names in candidates.items():
+        if not all(n in curves.errors for n in names):
+            continue
+        col = torch.stack([means[n] if means is not None else curves.errors[n].mean(0) for n in names]).argmin(0)
+        member = [REFERENCE if names[int(k)] in GAUSS.values() else names[int(k)].split("/")[0] for k in col]
+        spans: list[Interval] = []
+        for j, who in enumerate(member):
+            if spans and spans[-1].member == who:
+                spans[-1].logsnr_to = edges[j + 1]
+            else:
+                spans.append(Interval(logsnr_from=edges[j], logsnr_to=edges[j + 1], member=who))
+        table[kind] = spans
+    return table
+
+
+def ensemble(
+    data: Any,
+    models: Sequence[Any] = (),
+    *,
+    runs: Sequence[str | Path] = (),
+    reference: Any = None,
+    select_on: Any = None,
+    select_fraction: float | None = None,
+    out: Path | None = None,
+    overwrite: bool = False,
+    save: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> EnsembleResult:
+    """Combine models per logSNR on `data`; `options` are `itd nll` options shared by every member.
+
+    Members are computed from `models` (names, paths, callables) and/or taken from saved `runs` of `itd nll`.
+    """
+    from itdcli.api.nll import _estimate_result, nll, resolve_reference
+    from itdcli.core.proposal import Proposal
+    from itdcli.data import load_data
+    from itdcli.scoring import Rule, score
+
+    if select_on is not None and select_fraction is not None:
+        raise ItdError("give either --select-on or --select-fraction, not both")
+    if select_fraction is not None and not 0 < select_fraction < 1:
+        raise ItdError(f"--select-fraction must lie strictly between 0 and 1, got {select_fraction}")
+    if out is not None:
+        records.check_out_dir(out, overwrite)
+    if not models and not runs:
+        raise ItdError("give at least one --model or saved run to combine with the Gaussian reference")
+    member_opts = {**options, "save": False}
+    results = [records.read_run(Path(r)) for r in runs]
+    results += [nll(data, m, reference=reference, progress=progress, **member_opts) for m in models]
+    _check_compatible(results)
+    labels = _labels(results)
+    curves, candidates = _merged(results, labels)
+    first = results[0]
+    dataset = load_data(data, levels=first.data.levels)
+    ref = resolve_reference(reference, dataset).ref
+    p = first.proposal
+    proposal = Proposal(p.kind, p.loc, p.scale, p.logsnr_min, p.logsnr_max)  # type: ignore[arg-type]
+    rows = torch.arange(curves.logsnr.shape[0])
+    means = None
+    if select_on is not None:
+        sel = [nll(select_on, m, reference=reference, **member_opts) for m in models]
+        sel_curves, _ = _merged(sel, labels)
+        means = _select_means(sel_curves, torch.arange(sel_curves.logsnr.shape[0]))
+        mode = f"select-on {select_on}"
+    elif select_fraction is not None:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(first.seed + 2))
+        cut = max(1, round(select_fraction * len(rows)))
+        means, rows = _select_means(curves, perm[:cut]), perm[cut:].sort().values
+        mode = f"held-out fraction {select_fraction}"
+    else:
+        mode = "crossfit (two folds: each half is scored with the choice made on the other half)"
+    scored = _restrict(curves, rows)
+    values = dataset.values(scored.index)
+    names = list(first.estimates)
+    scores = score(
+        scored, ref, values, proposal, dataset.levels, names, "crossfit", first.seed, Rule(candidates, means)
+    )
+    dim = dataset.dim
+    result = EnsembleResult(
+        data=first.data.name,
+        members={lab: r.estimates for lab, r in zip(labels, results, strict=True)},
+        ensemble={n: _estimate_result(scores.estimates[n], dim) for n in names},
+        winners=_winners(scored, {k: v for k, v in candidates.items() if k in scores.choice}, proposal, means),
+        selection=mode,
+        points=first.points,
+        seed=first.seed,
+        arrays={f"ensemble/{k}": v.float() for k, v in _chosen(scored, scores).items()},
+    )
+    if save:
+        _write(result, results, labels, out or records.new_run_dir("ensemble", first.data.name))
+    return result
+
+
+def _chosen(curves: Any, scores: Any) -> dict[str, torch.Tensor]:
+    """The chosen candidate's error in every scored cell, per estimator, plus the cells' logSNR."""
+    from itdcli.core import estimators as est
+
+    out = {"logsnr": curves.logsnr}
+    for kind, choice in scores.choice.items():
+        stack = torch.stack([curves.errors[n] for n in scores.candidates[kind]])
+        out[kind] = est.chosen(stack, choice)
+    return out
+
+
+def _write(result: EnsembleResult, members: Sequence[NllResult], labels: Sequence[str], out: Path) -> None:
+    """ensemble.json, arrays.safetensors and every member's run under members/, written as one folder."""
+    from safetensors.torch import save_file
+
+    result.run_dir = str(out.resolve())
+    result.member_runs = [str(out.resolve() / "members" / lab) for lab in labels]
+    with records.atomic_folder(out) as tmp:
+        for lab, r in zip(labels, members, strict=True):
+            r.run_dir = str(out.resolve() / "members" / lab)
+            records.write_run(r, tmp / "members" / lab, remember=False)
+        save_file({k: v.contiguous() for k, v in result.arrays.items()}, str(tmp / records.ARRAYS_FILE))
+        (tmp / ENSEMBLE_FILE).write_text(result.model_dump_json(indent=2) + "\n")
+    records.remember_latest(out.resolve())
+
+
+def read_ensemble(folder: Path) -> tuple[EnsembleResult, list[NllResult]]:
+    """An ensemble folder: its result with arrays, and its members' runs."""
+    from safetensors.torch import load_file
+
+    result = EnsembleResult.model_validate(json.loads((folder / ENSEMBLE_FILE).read_text()))
+    result.arrays = dict(load_file(str(folder / records.ARRAYS_FILE)))
+    members = sorted((folder / "members").iterdir())
+    return result, [records.read_run(m) for m in members]
