@@ -8,7 +8,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -19,26 +26,21 @@ err_console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A transient rich bar on stderr with points/s and ETA; yields update(done, total)."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} points/s"),
-        TimeRemainingColumn(),
-    )
+def lazy_progress(label: str, columns: tuple[ProgressColumn, ...], rate: bool) -> Iterator[Callable[[int, int], None]]:
+    """A transient rich bar on stderr started at the first update (so early errors print no bar), redrawn ≤ 10/s.
+
+    Yields update(done, total); total 0 means unknown. With `rate`, the task's `rate` field shows items/s.
+    """
     bar = Progress(*columns, console=err_console, transient=True, auto_refresh=False)
     task = bar.add_task(label, total=None, rate="-")
     last = 0.0
 
     def update(done: int, total: int) -> None:
-        """Start the display on the first update, so errors before any work print no bar."""
         nonlocal last
         if not bar.live.is_started:
             bar.start()
-        speed = bar.tasks[0].speed
-        bar.update(task, completed=done, total=total, rate=f"{speed:,.0f}" if speed else "-")
+        speed = bar.tasks[0].speed if rate else None
+        bar.update(task, completed=done, total=total or None, rate=f"{speed:,.0f}" if speed else "-")
         if time.monotonic() - last > 0.1 or done == total:
             bar.refresh()
             last = time.monotonic()
@@ -47,6 +49,18 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
         yield update
     finally:
         bar.stop()
+
+
+def progress_bar(label: str) -> contextlib.AbstractContextManager[Callable[[int, int], None]]:
+    """The points bar of nll, curve and ensemble: points/s and ETA."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} points/s"),
+        TimeRemainingColumn(),
+    )
+    return lazy_progress(label, columns, rate=True)
 
 
 def _pm(value: float, se: float | None) -> str:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,7 +13,6 @@ from rich.filesize import decimal
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -22,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from itdcli.cli import _options as o
-from itdcli.cli._render import console, err_console
+from itdcli.cli._render import console, lazy_progress
 from itdcli.errors import ItdError
 
 if TYPE_CHECKING:
@@ -93,9 +91,8 @@ def echo_json(items: Sequence[BaseModel]) -> None:
     typer.echo(json.dumps([item.model_dump(mode="json") for item in items], indent=2))
 
 
-@contextlib.contextmanager
-def bytes_bar(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A transient rich bar on stderr in bytes with speed and ETA; yields update(done, total), total 0 if unknown."""
+def bytes_bar(label: str) -> contextlib.AbstractContextManager[Callable[[int, int], None]]:
+    """A transient rich bar on stderr in bytes with speed and ETA; update(done, total), total 0 if unknown."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -103,24 +100,7 @@ def bytes_bar(label: str) -> Iterator[Callable[[int, int], None]]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    bar = Progress(*columns, console=err_console, transient=True, auto_refresh=False)
-    task = bar.add_task(label, total=None)
-    last = 0.0
-
-    def update(done: int, total: int) -> None:
-        """Start the display on the first update, so a file that is skipped or fails at once shows no bar."""
-        nonlocal last
-        if not bar.live.is_started:
-            bar.start()
-        bar.update(task, completed=done, total=total or None)
-        if time.monotonic() - last > 0.1 or done == total:
-            bar.refresh()
-            last = time.monotonic()
-
-    try:
-        yield update
-    finally:
-        bar.stop()
+    return lazy_progress(label, columns, rate=False)
 
 
 def print_listing(statuses: list[ArtifactStatus]) -> None:

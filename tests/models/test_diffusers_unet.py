@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from standins import DDPM_SCHEDULER, DDPM_SMALL
 from torch import Tensor
 
 from itdcli.errors import ItdError
@@ -44,30 +45,7 @@ FULL_DDPM = {
     "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
 
-SMALL_DDPM = {
-    "sample_size": 32,
-    "in_channels": 3,
-    "out_channels": 3,
-    "layers_per_block": 1,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-    "attention_head_dim": None,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "downsample_padding": 0,
-    "norm_eps": 1e-6,
-}
-
-SCHEDULER = {
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": True,
-    "variance_type": "fixed_large",
-}
+SMALL_DDPM, SCHEDULER = DDPM_SMALL, DDPM_SCHEDULER
 
 
 def _scheduler() -> Any:
