@@ -115,7 +115,8 @@ def parse_arch(spec: str, shape: tuple[int, ...]) -> Any:
     if family != "iddpm" or len(shape) != 3 or shape[1] != shape[2]:
         raise ItdError(f"cannot build '{spec}' for images of shape {shape}: use iddpm:key=value,... on square images")
     fields: dict[str, Any] = {"image_size": shape[1], "in_channels": shape[0], "out_channels": shape[0]}
-    for item in filter(None, rest.split(",")):
+    defaults = DEFAULT_ARCH.partition(":")[2].split(",")  # keys not given take the default small network's values
+    for item in filter(None, [*defaults, *rest.split(",")]):
         key, _, value = item.partition("=")
         if key not in _ARCH_KEYS:
             raise ItdError(f"unknown --arch key '{key}': use {', '.join(_ARCH_KEYS)}")

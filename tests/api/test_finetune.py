@@ -87,3 +87,13 @@ def test_a_short_finetune_of_the_bundled_digits_model_lowers_its_itd_loss(tmp_pa
     diff = after - before
     se = float(diff.std()) / math.sqrt(diff.numel())
     assert float(diff.mean()) < -3 * se, (float(diff.mean()), se)
+
+
+def test_arch_keys_left_out_keep_the_default_small_network() -> None:
+    from itdcli.api.finetune import parse_arch
+
+    config = parse_arch("iddpm:channels=64", (1, 8, 8))
+    assert (config.model_channels, config.num_res_blocks, config.channel_mult) == (64, 2, (1, 2))
+    assert (config.attention_resolutions, config.dropout, config.in_channels) == ((2,), 0.1, 1)
+    with pytest.raises(ItdError, match="unknown --arch key"):
+        parse_arch("iddpm:width=3", (1, 8, 8))
