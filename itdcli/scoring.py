@@ -122,5 +122,7 @@ def _edge_message(kind: str, side: str, value: float, at: float, levels: int | N
         f"the range may cut off real mass, widen it with {flag}"
     )
     if kind == "continuous" and side == "right" and levels:
-        text += " (on discrete data the continuous density keeps falling with the range's upper end: quote it with it)"
+        text += (
+            " (on discrete data the continuous density keeps falling as the upper end rises: report it with the range)"
+        )
     return text
