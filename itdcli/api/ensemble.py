@@ -160,6 +160,8 @@ def ensemble(
         records.check_out_dir(out, overwrite)
     if not models and not runs:
         raise ItdError("give at least one --model or saved run to combine with the Gaussian reference")
+    if select_on is not None and runs:
+        raise ItdError("--select-on re-evaluates the members on other data: give them as --model, not as saved --run")
     member_opts = {**options, "save": False}
     results = [records.read_run(Path(r)) for r in runs]
     results += [nll(data, m, reference=reference, progress=progress, **member_opts) for m in models]

@@ -58,3 +58,11 @@ def test_saved_runs_that_do_not_match_are_refused(tmp_path: Path, capsys: pytest
     with pytest.raises(SystemExit) as exit_info:
         main(["ensemble", "digits_test", "--run", str(tmp_path / "1"), "--run", str(tmp_path / "2")])
     assert exit_info.value.code == 2 and "do not share" in capsys.readouterr().err
+
+
+def test_select_on_needs_models_not_saved_runs(tmp_path: Path) -> None:
+    from itdcli.errors import ItdError
+
+    itdcli.nll("digits_test", "gaussian", points=4, limit=10, out=tmp_path / "run")
+    with pytest.raises(ItdError, match="--select-on"):
+        ensemble("digits_test", runs=[tmp_path / "run"], select_on="digits_train")
