@@ -33,3 +33,11 @@ def docs(session: nox.Session) -> None:
     """Build the MkDocs site with --strict."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: each prints a table and writes JSON under benchmarks/out/."""
+    session.install("-e", ".")
+    session.run("python", "benchmarks/nll.py")
+    session.run("python", "benchmarks/selection_bias.py")
