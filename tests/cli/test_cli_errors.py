@@ -130,7 +130,11 @@ def test_debug_mode_shows_the_traceback(capsys: pytest.CaptureFixture[str], monk
 
 def test_ctrl_c_exits_130_and_leaves_no_partial_files(tmp_path: Path) -> None:
     (tmp_path / "slow_model.py").write_text(
-        "import time, torch\ndef model(z, logsnr):\n    time.sleep(0.2)\n    return torch.zeros_like(z)\n"
+        "import pathlib, time, torch\n"
+        "def model(z, logsnr):\n"
+        "    pathlib.Path('started').touch()\n"
+        "    time.sleep(0.2)\n"
+        "    return torch.zeros_like(z)\n"
     )
     out = tmp_path / "results"
     out.mkdir()
@@ -148,7 +152,10 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_files(tmp_path: Path) -> None:
         str(out / "run"),
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:  # interrupt mid-evaluation
+        time.sleep(0.1)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
