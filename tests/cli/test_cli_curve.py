@@ -3,18 +3,10 @@
 from pathlib import Path
 
 import pytest
+from clirun import run
 from PIL import Image
 
-from itdcli.cli.main import main
-
 FAST = ["--limit", "30", "--points", "12"]
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    return int(exit_info.value.code or 0), out, err
 
 
 def test_curve_without_inputs_draws_the_latest_run_as_pdf_and_png(

@@ -7,18 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from itdcli.cli.main import main
+from clirun import run
 
 FAST = ["--limit", "40", "--points", "16"]
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `itd ARGS` in-process; return exit code, stdout, stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    return int(exit_info.value.code or 0), out, err
 
 
 def test_readme_main_job_prints_finite_bpd_for_every_estimator(itd_home: Path) -> None:

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from clirun import run
 from standins import save_ddpm, save_iddpm, write_cifar
 
 from itdcli import paths
-from itdcli.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,6 @@ def placed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_iddpm(paths.iddpm_checkpoint("iddpm"))
         save_ddpm(paths.ddpm_dir())
     return home
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    return int(exit_info.value.code or 0), out, err
 
 
 @pytest.mark.parametrize("model", ["iddpm", "ddpm"])
