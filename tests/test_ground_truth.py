@@ -19,6 +19,12 @@ def _gaussian(d: int = 4, seed: int = 0) -> GaussianReference:
     return GaussianReference(torch.randn(d, generator=g, dtype=F64), q, torch.exp(torch.linspace(-4, 1, d, dtype=F64)))
 
 
+def _samples(true: GaussianReference, n: int, seed: int) -> torch.Tensor:
+    """n draws from N(μ, U diag(λ) Uᵀ)."""
+    white = torch.randn(n, true.dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return true.mean + (white * true.eigvals.sqrt()) @ true.eigvecs.T
+
+
 def _within(values: torch.Tensor, target: torch.Tensor | float, k: float = 3.0) -> tuple[bool, float, float]:
     diff = values - target
     se = float(diff.std()) / math.sqrt(diff.numel())
@@ -31,11 +37,7 @@ def _per_image_nats(result: itdcli.NllResult, name: str, d: int) -> torch.Tensor
 
 def test_gaussian_data_with_its_optimal_denoiser_gives_the_exact_nll() -> None:
     true = _gaussian()
-    x = (
-        true.mean
-        + (torch.randn(300, 4, generator=torch.Generator().manual_seed(1), dtype=F64) * true.eigvals.sqrt())
-        @ true.eigvecs.T
-    )
+    x = _samples(true, 300, seed=1)
     exact = true.nll(x)
     for reference in (true, "standard-normal"):
         r = itdcli.nll(x.float(), GaussianDenoiser(true), reference=reference, points=256, **WIDE)
@@ -56,11 +58,7 @@ class _Shrunk(GaussianDenoiser):
 def test_a_worse_denoiser_is_detected_as_an_upper_bound_above_the_exact_nll() -> None:
     """The same check fails for a suboptimal model: its estimate lies above −log N by more than 3 SE."""
     true = _gaussian()
-    x = (
-        true.mean
-        + (torch.randn(300, 4, generator=torch.Generator().manual_seed(1), dtype=F64) * true.eigvals.sqrt())
-        @ true.eigvecs.T
-    )
+    x = _samples(true, 300, seed=1)
     r = itdcli.nll(x.float(), _Shrunk(true), reference="standard-normal", points=256, **WIDE)
     ok, mean, se = _within(_per_image_nats(r, "continuous_pointwise", 4), true.nll(x))
     assert not ok and mean > 3 * se
@@ -68,11 +66,7 @@ def test_a_worse_denoiser_is_detected_as_an_upper_bound_above_the_exact_nll() ->
 
 def test_mse_curve_of_the_optimal_denoiser_matches_the_closed_form() -> None:
     true = _gaussian()
-    x = (
-        true.mean
-        + (torch.randn(400, 4, generator=torch.Generator().manual_seed(2), dtype=F64) * true.eigvals.sqrt())
-        @ true.eigvecs.T
-    )
+    x = _samples(true, 400, seed=2)
     r = itdcli.nll(x.float(), GaussianDenoiser(true), reference=true, points=16, **WIDE)
     errs = r.arrays["mse/model"]
     closed = true.mmse_pointwise(true.whiten(x)[:, None, :], r.arrays["logsnr"])
