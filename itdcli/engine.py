@@ -80,9 +80,9 @@ def _forward(model: Denoiser, x: Tensor, eps: Tensor, logsnr: Tensor) -> Tensor:
 
 
 class _Cells:
-    """All cells of a group of images, flattened image-major: level indices, values, logSNR, noise."""
+    """All cells of a group of images, image-major: level indices, values, eigen-coordinates, logSNR, noise."""
 
-    def __init__(self, data: Dataset, rows: Tensor, plan: Plan, device: torch.device) -> None:
+    def __init__(self, data: Dataset, rows: Tensor, plan: Plan, ref: GaussianReference, device: torch.device) -> None:
         """Draw every image's points, noise and dequantization offsets from its own generator."""
         logsnr, eps, deq = [], [], []
         for i in rows.tolist():
@@ -91,7 +91,9 @@ class _Cells:
             eps.append(torch.randn((plan.points, *data.shape), generator=gen))
             if plan.want_deq:
                 deq.append(torch.rand((plan.points, *data.shape), generator=gen))
-        self.x = data.values(rows).repeat_interleave(plan.points, 0).to(device)
+        values = data.values(rows).to(device)
+        self.x = values.repeat_interleave(plan.points, 0)
+        self.y = ref.whiten(values).repeat_interleave(plan.points, 0)  # once per image, not once per cell
         self.k = data.x[rows].repeat_interleave(plan.points, 0).to(device) if data.levels else None
         self.logsnr = torch.cat(logsnr).to(device)
         self.eps = torch.cat(eps).to(device)
@@ -105,7 +107,7 @@ def _errors_for(
     x, g, eps = cells.x[sl], cells.logsnr[sl], cells.eps[sl]
     resid = _forward(model, x, eps, g)
     levels = data.levels
-    out = {"gauss": ref.mmse_pointwise(ref.whiten(x), g)}
+    out = {"gauss": ref.mmse_pointwise(cells.y[sl], g)}
     out["model"] = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
     if plan.want_round and levels and cells.k is not None:
         rounder = channel.mse_rounded_soft if plan.rounding == "soft" else channel.mse_rounded_hard
@@ -177,7 +179,7 @@ def _evaluate(
     logsnr = []
     with runtime.exact_float32():
         for start in range(0, len(index), group):
-            cells = _Cells(data, index[start : start + group], plan, device)
+            cells = _Cells(data, index[start : start + group], plan, ref, device)
             logsnr.append(cells.logsnr.cpu())
             for b in range(0, cells.logsnr.numel(), plan.batch_size):
                 sl = slice(b, b + plan.batch_size)
