@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -74,22 +75,23 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, per_rank // (batch_size // runtime.world_size()))
 
 
-def batch_indices(n: int, step: int, setup: Setup) -> Tensor:
-    """This rank's image indices for `step`: a DistributedSampler epoch order, sliced; no loader state to save."""
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, epoch: int, seed: int, rank: int, world: int) -> tuple[int, ...]:
+    """This rank's DistributedSampler order for one epoch, computed once per epoch rather than once per step."""
     from torch.utils.data import DistributedSampler
 
+    sampler: DistributedSampler[int] = DistributedSampler(
+        cast(Any, range(n)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return tuple(sampler)
+
+
+def batch_indices(n: int, step: int, setup: Setup) -> Tensor:
+    """This rank's image indices for `step`: a DistributedSampler epoch order, sliced; no loader state to save."""
     per_rank_batch = setup.batch_size // runtime.world_size()
     per_epoch = steps_per_epoch(n, setup.batch_size)
-    sampler: DistributedSampler[int] = DistributedSampler(
-        cast(Any, range(n)),
-        num_replicas=runtime.world_size(),
-        rank=runtime.rank(),
-        shuffle=True,
-        seed=setup.seed,
-        drop_last=True,
-    )
-    sampler.set_epoch(step // per_epoch)
-    order = list(sampler)
+    order = _epoch_order(n, step // per_epoch, setup.seed, runtime.rank(), runtime.world_size())
     start = (step % per_epoch) * per_rank_batch
     return torch.tensor(order[start : start + per_rank_batch])
 
