@@ -1,7 +1,9 @@
 """I-MMSE estimators of −log p(x) and −log P(x) from per-image error arrays on per-image logSNR points (spec §7).
 
-Every array is (N, J): image n, point j, with γ_nj drawn for image n alone, so per-image values are
-independent and the standard error of their mean is honest (spec §7.7). At each point column the
+Every array is (N, J): image n, point j, with γ_nj drawn for image n alone. Each estimate carries two
+standard errors: the Monte Carlo error of the mean over *these* images (from the spread of the integrand
+within groups of point columns, conservative for stratified points) and the sampling error std/√N that
+also counts how images differ (spec §7.7). At each point column the
 denoiser is chosen among candidates (the model's projections, the Gaussian reference's linear
 denoiser) from the errors of *other* images, so the choice never looks at the image it scores.
 """
@@ -21,9 +23,10 @@ Selection = Literal["crossfit", "same", "none"]
 
 @dataclass(frozen=True)
 class Estimate:
-    """Per-image values (nats) with their mean and honest standard error."""
+    """Per-image values (nats) with their Monte Carlo variances; the mean and its two standard errors."""
 
     per_image: Tensor
+    mc_var: Tensor
 
     @property
     def mean(self) -> float:
@@ -32,9 +35,19 @@ class Estimate:
 
     @property
     def stderr(self) -> float:
-        """Standard error of the mean, std/√N over independent per-image values (nan for one image)."""
+        """Monte Carlo standard error of the mean over these images, √(Σ_n var_n)/N (nan when unknown)."""
+        n = self.per_image.numel()
+        return float(self.mc_var.sum().clamp_min(0).sqrt() / n) if bool(torch.isfinite(self.mc_var).all()) else math.nan
+
+    @property
+    def sampling_stderr(self) -> float:
+        """Standard error as an estimate for the images' population, std/√N (nan for one image)."""
         n = self.per_image.numel()
         return float(self.per_image.std() / math.sqrt(n)) if n > 1 else math.nan
+
+    def shifted(self, per_image: Tensor) -> Estimate:
+        """The same Monte Carlo error around other per-image values (a constant or exact term added)."""
+        return Estimate(per_image, self.mc_var)
 
 
 def crossfit_folds(n: int, folds: int, generator: torch.Generator) -> Tensor:
@@ -66,19 +79,32 @@ def chosen(errors: Tensor, choice: Tensor) -> Tensor:
     return errors.gather(0, choice.unsqueeze(0)).squeeze(0)
 
 
-def integral(weight: Tensor, values: Tensor) -> Tensor:
-    """Importance-sampled ∫ f dγ over the range per image, (1/J) Σ_j w_nj f_nj (spec §6.2)."""
-    return (weight.to(F64) * values.to(F64)).mean(1)
+def integral(weight: Tensor, values: Tensor, groups: Tensor) -> Estimate:
+    """Importance-sampled ∫ f dγ per image, (1/J) Σ_j w_nj f_nj (spec §6.2), with its Monte Carlo variance.
+
+    Columns in one group of `groups` (J,) are treated as exchangeable draws: var = Σ_g n_g/(n_g−1) Σ_{j∈g}
+    (y_j − ȳ_g)² / J² (collapsed strata; exact for i.i.d. points, conservative for stratified ones).
+    """
+    y = weight.to(F64) * values.to(F64)
+    j = y.shape[1]
+    ids = torch.unique(groups, return_inverse=True)[1].to(y.device)
+    size = torch.bincount(ids).to(F64)
+    mean_g = torch.zeros(y.shape[0], len(size), dtype=F64).index_add_(1, ids, y) / size
+    square = torch.zeros_like(mean_g).index_add_(1, ids, (y - mean_g[:, ids]) ** 2)
+    factor = torch.where(size > 1, size / (size - 1).clamp_min(1), torch.nan)
+    return Estimate(y.mean(1), (square * factor).sum(1) / j**2)
 
 
-def nll_continuous(entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor) -> Estimate:
+def nll_continuous(entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor) -> Estimate:
     """Paper form (C1): H_G − ½ ∫ (mmse_G(γ) − mmse(x, γ)) dγ per image (spec §4, §7.1)."""
-    return Estimate(entropy - 0.5 * integral(weight, mmse_g - err))
+    gap = integral(weight, 0.5 * (mmse_g - err), groups)
+    return gap.shifted(entropy - gap.per_image)
 
 
-def nll_continuous_pointwise(nll_g: Tensor, mmse_gx: Tensor, weight: Tensor, err: Tensor) -> Estimate:
+def nll_continuous_pointwise(nll_g: Tensor, mmse_gx: Tensor, weight: Tensor, err: Tensor, groups: Tensor) -> Estimate:
     """Pointwise form (C2): −log N(x) − ½ ∫ (mmse_G(x, γ) − mmse(x, γ)) dγ per image (spec §4, §7.6)."""
-    return Estimate(nll_g - 0.5 * integral(weight, mmse_gx - err))
+    gap = integral(weight, 0.5 * (mmse_gx - err), groups)
+    return gap.shifted(nll_g - gap.per_image)
 
 
 def right_tail(logsnr_max: float, dim: int, levels: int) -> float:
@@ -89,17 +115,43 @@ def right_tail(logsnr_max: float, dim: int, levels: int) -> float:
     return float(4 * dim * torch.exp(-(j**2) * delta**2 * snr / 2).sum())
 
 
-def nll_discrete(left_tail: Tensor, right: float, weight: Tensor, err: Tensor) -> Estimate:
+def nll_discrete(left_tail: Tensor, right: float, weight: Tensor, err: Tensor, groups: Tensor) -> Estimate:
     """Discrete (D): −log P(x) = ½ ∫ mmse(x, γ) dγ, with both tails added (spec §4, §7.4)."""
-    return Estimate(left_tail + right + 0.5 * integral(weight, err))
+    inner = integral(weight, 0.5 * err, groups)
+    return inner.shifted(left_tail + right + inner.per_image)
 
 
-def nll_dequantized(entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, dim: int, levels: int) -> Estimate:
+def nll_dequantized(
+    entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor, dim: int, levels: int
+) -> Estimate:
     """Uniform dequantization bound: (C1) on x + δ(u − ½) plus d·log(1/δ) nats (spec §2, §7.2)."""
-    cont = nll_continuous(entropy, mmse_g, weight, err).per_image
-    return Estimate(cont + dim * math.log((levels - 1) / 2))
+    cont = nll_continuous(entropy, mmse_g, weight, err, groups)
+    return cont.shifted(cont.per_image + dim * math.log((levels - 1) / 2))
 
 
 def column_means(values: Tensor) -> Tensor:
     """Mean over images of each point column, (J,)."""
     return values.to(F64).mean(0)
+
+
+def control_variate(values: Tensor, cv: Tensor, weight: Tensor, bins: Tensor, folds: Tensor) -> Tensor:
+    """values − β_b·cv per cell, for a mean-zero control variate `cv` (Owen, *Monte Carlo*, §8.9).
+
+    β_b is the regression slope of w·values on w·cv over the cells of logSNR bin b (`bins`, (N, J)) in
+    the *other* crossfit folds, so each image's estimate stays unbiased and its variance estimate valid.
+    """
+    y, x = (weight * values).to(F64), (weight * cv).to(F64)
+    nbins = int(bins.max()) + 1
+    out = values.to(F64).clone()
+    for fold in range(int(folds.max()) + 1):
+        train, rows = folds != fold, folds == fold
+        if not train.any():
+            continue
+        b, yt, xt = bins[train].reshape(-1), y[train].reshape(-1), x[train].reshape(-1)
+        count = torch.bincount(b, minlength=nbins).to(F64).clamp_min(1)
+        y_mean = torch.zeros(nbins, dtype=F64).index_add_(0, b, yt) / count
+        cov = torch.zeros(nbins, dtype=F64).index_add_(0, b, (yt - y_mean[b]) * xt)
+        var = torch.zeros(nbins, dtype=F64).index_add_(0, b, xt**2)
+        beta = torch.where(var > 0, cov / var.clamp_min(torch.finfo(F64).tiny), 0.0)
+        out[rows] = values[rows].to(F64) - beta[bins[rows]] * cv[rows].to(F64)
+    return out

@@ -78,6 +78,15 @@ class GaussianReference:
         r = torch.exp(g + self.log_eigvals)
         return ((torch.exp(g) * y**2 + r**2) / (1 + r) ** 2).sum(-1)
 
+    def error_draw(self, y: Tensor, eta: Tensor, logsnr: Tensor) -> Tensor:
+        """ε-error of the optimal linear denoiser for one noise draw, Σ_i (r_i η_i − e^{γ/2} y_i)²/(1 + r_i)² (§5).
+
+        `y` and `eta` = Uᵀε are eigen-coordinates (B, d); the mean over η ~ N(0, I) is `mmse_pointwise`.
+        """
+        g = logsnr.to(F64).unsqueeze(-1)
+        r = torch.exp(g + self.log_eigvals)
+        return (((r * eta.to(F64) - torch.exp(g / 2) * y) / (1 + r)) ** 2).sum(-1)
+
     def left_tail(self, logsnr_min: float, y: Tensor | None = None) -> Tensor:
         """½ ∫_{−∞}^{γ_L} of the Gaussian error: ½ Σ softplus(γ_L + log λ), or its pointwise form for y (derived).
 

@@ -122,3 +122,19 @@ def test_left_tails_match_quadrature() -> None:
     pointwise, _ = integrate.quad(lambda t: float(ref.mmse_pointwise(y, torch.tensor([t], dtype=F64))), -80, lo)
     assert float(ref.left_tail(lo)) == pytest.approx(0.5 * expected, rel=1e-8)
     assert float(ref.left_tail(lo, y)) == pytest.approx(0.5 * pointwise, rel=1e-8)
+
+
+def test_error_of_one_draw_is_the_linear_denoisers_error_and_averages_to_the_pointwise_mmse() -> None:
+    """error_draw(y, Uᵀε, γ) = ‖ε − ε̂_G(z)‖² for the same ε (via eps_hat), and its mean over ε is mmse_pointwise."""
+    ref = _reference(d=5, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    x = ref.mean + torch.randn(1, 5, generator=gen, dtype=torch.float64) * 2
+    for g in (-3.0, 0.5, 6.0):
+        logsnr = torch.full((20_000,), g, dtype=torch.float64)
+        eps = torch.randn(20_000, 5, generator=gen, dtype=torch.float64)
+        z = channel.noisy(x.expand(20_000, 5), eps, logsnr)
+        direct = ((eps - ref.eps_hat(z, logsnr)) ** 2).sum(1)
+        draws = ref.error_draw(ref.whiten(x).expand(20_000, 5), eps @ ref.eigvecs, logsnr)
+        assert torch.allclose(draws, direct, rtol=1e-9, atol=1e-9)
+        se = float(draws.std()) / math.sqrt(20_000)
+        assert abs(float(draws.mean()) - float(ref.mmse_pointwise(ref.whiten(x), torch.tensor(g)))) < 4 * se
