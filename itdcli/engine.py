@@ -1,9 +1,10 @@
 """Runs a denoiser over (image, logSNR, noise) cells and records per-cell ε-unit errors (spec §7 common setup).
 
 Every image draws its own logSNR points, noise and dequantization offsets from a generator seeded by
-(run seed, dataset index), so results do not depend on batch size, device or `--limit`. One network
+(run seed, dataset index, round), so results do not depend on batch size, device or `--limit`. One network
 forward per cell is shared by the clamped and rounded errors; the dequantized estimator needs a
-second forward on x + δ(u − ½).
+second forward on x + δ(u − ½). Cells are sorted by logSNR so that each batch runs in one format of the
+precision policy; errors stay on the device until a group of images is done (no host sync per batch).
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from torch import Tensor
 from itdcli import runtime
 from itdcli.core import channel
 from itdcli.core.gaussian import GaussianReference
-from itdcli.core.proposal import PointScheme, Proposal, cdf_points
+from itdcli.core.proposal import PointScheme, Proposal, cdf_points, stratum_groups
 from itdcli.data import Dataset
 from itdcli.errors import ItdError
 from itdcli.models.base import Denoiser
 
 F64 = torch.float64
 Rounding = Literal["soft", "hard"]
+PILOT_STREAM = -1
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What to evaluate: the points per image, the proposal, the seed and which error kinds."""
+    """What to evaluate: points per image, proposal, seed, error kinds, noise draws and how to run the network."""
 
     proposal: Proposal
     points: int
@@ -39,85 +41,163 @@ class Plan:
     rounding: Rounding = "soft"
     want_round: bool = False
     want_deq: bool = False
+    stream: int = 0
+    draws: int = 1
+    antithetic: bool = False
+    precision: runtime.Precision = field(default_factory=lambda: runtime.Precision("fp32"))
+    channels_last: bool = False
+
+    @property
+    def noises(self) -> int:
+        """Noise draws evaluated per logSNR point (each draw twice when antithetic)."""
+        return self.draws * (2 if self.antithetic else 1)
 
 
 @dataclass
 class Curves:
-    """Per-cell arrays (N, J): logSNR, importance weight, and the ε-unit error of each candidate denoiser."""
+    """Per-point arrays (N, J): logSNR, importance weight, ε-unit error of each candidate; variance groups (J,)."""
 
     index: Tensor
     logsnr: Tensor
     weight: Tensor
     errors: dict[str, Tensor] = field(default_factory=dict)
+    groups: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def extended(self, more: Curves) -> Curves:
+        """These points followed by another round's for the same images; the new round's groups come after."""
+        shift = int(self.groups.max()) + 1 if self.groups.numel() else 0
+        errors = {k: torch.cat([v, more.errors[k]], 1) for k, v in self.errors.items()}
+        return Curves(
+            self.index,
+            torch.cat([self.logsnr, more.logsnr], 1),
+            torch.cat([self.weight, more.weight], 1),
+            errors,
+            torch.cat([self.groups, more.groups + shift]),
+        )
 
 
-def _check_output(eps_hat: Tensor, z: Tensor, logsnr: Tensor) -> None:
-    """Fail with a one-line error when a denoiser returns the wrong shape or non-finite values."""
+def _check_shape(eps_hat: Tensor, z: Tensor) -> None:
+    """Fail with a one-line error when a denoiser returns the wrong shape."""
     if eps_hat.shape != z.shape:
         raise ItdError(
             f"the model returned shape {tuple(eps_hat.shape)} for input {tuple(z.shape)}: "
             "a denoiser must return eps_hat shaped like z"
         )
-    bad = ~torch.isfinite(eps_hat.flatten(1)).all(1)
+
+
+def _check_finite(err: Tensor, logsnr: Tensor) -> None:
+    """Fail with a one-line error when a denoiser returned NaN or inf anywhere in a group (one host sync)."""
+    bad = ~torch.isfinite(err)
     if bool(bad.any()):
-        at = ", ".join(f"{g:.3g}" for g in sorted(set(logsnr[bad].tolist()))[:3])
+        at = ", ".join(f"{g:.3g}" for g in sorted(set(logsnr[bad.cpu()].tolist()))[:3])
         raise ItdError(f"the model returned NaN or inf at logSNR {at}; check the network or narrow the logSNR range")
 
 
-def _forward(model: Denoiser, x: Tensor, eps: Tensor, logsnr: Tensor) -> Tensor:
-    """Residual u = ε − ε̂ in float64 for one batch, with the network run in float32."""
-    z = channel.noisy(x.to(F64), eps.to(F64), logsnr).to(torch.float32)
-    try:
-        eps_hat = model(z, logsnr)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ItdError(
-            f"the model failed on z {tuple(z.shape)} float32 with logsnr ({z.shape[0]},) float64: "
-            f"{type(exc).__name__}: {first}"
-        ) from exc
-    _check_output(eps_hat, z, logsnr)
-    return eps.to(F64) - eps_hat.to(F64)
+class _Runner:
+    """Calls the network batch by batch in the precision policy's format, halving the batch on out-of-memory."""
+
+    def __init__(self, model: Denoiser, plan: Plan, device: torch.device) -> None:
+        """Start at the plan's batch size."""
+        self.model, self.plan, self.device, self.batch = model, plan, device, plan.batch_size
+
+    def residual(self, x: Tensor, eps: Tensor, logsnr: Tensor, modes: list[runtime.Mode]) -> Tensor:
+        """u = ε − ε̂ in float64 for cells sorted by format (`modes` per cell, known on the host)."""
+        out, start = [], 0
+        while start < len(modes):
+            stop = min(start + self.batch, len(modes))
+            stop = start + next((i for i, m in enumerate(modes[start:stop]) if m != modes[start]), stop - start)
+            try:
+                out.append(self._call(x[start:stop], eps[start:stop], logsnr[start:stop], modes[start]))
+            except (RuntimeError, MemoryError) as exc:
+                if not runtime.is_out_of_memory(exc) or self.batch == 1:
+                    raise
+                runtime.empty_cache(self.device)
+                self.batch //= 2
+                continue
+            start = stop
+        return torch.cat(out)
+
+    def _call(self, x: Tensor, eps: Tensor, logsnr: Tensor, mode: runtime.Mode) -> Tensor:
+        """One forward in one format; failures other than out-of-memory become one-line errors."""
+        z = channel.noisy(x.to(F64), eps.to(F64), logsnr).to(torch.float32)
+        if self.plan.channels_last:
+            z = runtime.to_channels_last(z)
+        try:
+            with runtime.network_mode(mode, self.device):
+                eps_hat = self.model(z, logsnr)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            if runtime.is_out_of_memory(exc):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ItdError(
+                f"the model failed on z {tuple(z.shape)} float32 with logsnr ({z.shape[0]},) float64: "
+                f"{type(exc).__name__}: {first}"
+            ) from exc
+        _check_shape(eps_hat, z)
+        return eps.to(F64) - eps_hat.to(F64)
 
 
 class _Cells:
-    """All cells of a group of images, image-major: level indices, values, eigen-coordinates, logSNR, noise."""
+    """All cells of a group of images, sorted by logSNR: values, eigen-coordinates, levels, logSNR, noise."""
 
-    def __init__(self, data: Dataset, rows: Tensor, plan: Plan, ref: GaussianReference, device: torch.device) -> None:
+    def __init__(self, data: Dataset, codes: Tensor, rows: Tensor, plan: Plan, ref: GaussianReference) -> None:
         """Draw every image's points, noise and dequantization offsets from its own generator."""
         logsnr, eps, deq = [], [], []
+        shape = (plan.points, plan.draws, *data.shape)
         for i in rows.tolist():
-            gen = runtime.generator(plan.seed, i)
-            logsnr.append(plan.proposal.icdf(cdf_points(plan.points, plan.scheme, gen)))
-            eps.append(torch.randn((plan.points, *data.shape), generator=gen))
+            gen = runtime.generator(plan.seed, i, plan.stream)
+            g = plan.proposal.icdf(cdf_points(plan.points, plan.scheme, gen))
+            logsnr.append(g.repeat_interleave(plan.noises))
+            e = torch.randn(shape, generator=gen)
+            eps.append(torch.cat([e, -e], 1) if plan.antithetic else e)
             if plan.want_deq:
-                deq.append(torch.rand((plan.points, *data.shape), generator=gen))
-        values = data.values(rows).to(device)
-        self.x = values.repeat_interleave(plan.points, 0)
-        self.y = ref.whiten(values).repeat_interleave(plan.points, 0)  # once per image, not once per cell
-        self.k = data.x[rows].repeat_interleave(plan.points, 0).to(device) if data.levels else None
-        self.logsnr = torch.cat(logsnr).to(device)
-        self.eps = torch.cat(eps).to(device)
-        self.deq = torch.cat(deq).to(device) if deq else None
+                u = torch.rand(shape, generator=gen)
+                deq.append(torch.cat([u, 1 - u], 1) if plan.antithetic else u)
+        g = torch.cat(logsnr)
+        self.order = g.argsort(stable=True)  # sorted by logSNR: one format per batch
+        self.restore = self.order.argsort()
+        self.logsnr_host = g[self.order]
+        self.modes = [plan.precision.mode(v) for v in self.logsnr_host.tolist()]
+        device = codes.device
+        order = self.order.to(device)
+        per_image = len(g) // len(rows)
+        local = torch.arange(len(rows), device=device).repeat_interleave(per_image)[order]
+        values = _values(data, codes, rows.to(device))
+        self.x = values[local]
+        self.y = ref.whiten(values)[local]  # once per image, not once per cell
+        self.k = codes[rows.to(device)][local] if data.levels else None
+        self.logsnr = self.logsnr_host.to(device)
+        self.eps = torch.cat(eps).reshape(-1, *data.shape)[self.order].to(device)
+        self.deq = torch.cat(deq).reshape(-1, *data.shape)[self.order].to(device) if deq else None
 
 
-def _errors_for(
-    model: Denoiser, cells: _Cells, sl: slice, data: Dataset, ref: GaussianReference, plan: Plan
-) -> dict[str, Tensor]:
-    """The candidate errors of one batch of cells (clamped or raw, rounded, Gaussian, dequantized)."""
-    x, g, eps = cells.x[sl], cells.logsnr[sl], cells.eps[sl]
-    resid = _forward(model, x, eps, g)
+def _values(data: Dataset, codes: Tensor, rows: Tensor) -> Tensor:
+    """Model-scale values of the images `rows` from the data kept on the device (uint8 levels or float32)."""
+    if data.levels is None:
+        return codes[rows]
+    return codes[rows].to(torch.float32) * (2.0 / (data.levels - 1)) - 1.0
+
+
+def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianReference, plan: Plan) -> dict[str, Tensor]:
+    """The candidate errors of every cell of a group (clamped or raw, rounded, Gaussian, dequantized)."""
+    x, g, eps = cells.x, cells.logsnr, cells.eps
+    resid = runner.residual(x, eps, g, cells.modes)
     levels = data.levels
-    out = {"gauss": ref.mmse_pointwise(cells.y[sl], g)}
+    out = {"gauss": ref.mmse_pointwise(cells.y, g)}
+    eta = eps.reshape(len(g), -1).to(F64) @ ref.eigvecs
+    out["cv"] = ref.error_draw(cells.y, eta, g) - out["gauss"]  # mean zero: a control variate (spec §5)
     out["model"] = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
     if plan.want_round and levels and cells.k is not None:
         rounder = channel.mse_rounded_soft if plan.rounding == "soft" else channel.mse_rounded_hard
-        out["round"] = rounder(resid, cells.k[sl], g, levels)
+        out["round"] = rounder(resid, cells.k, g, levels)
     if plan.want_deq and levels and cells.deq is not None:
         half = 1.0 / (levels - 1)
-        x_deq = x + 2 * half * (cells.deq[sl] - 0.5)
-        resid_deq = _forward(model, x_deq, eps, g)
+        x_deq = x + 2 * half * (cells.deq - 0.5)
+        resid_deq = runner.residual(x_deq, eps, g, cells.modes)
         out["deq"] = channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half)
-        out["gauss_deq"] = ref.mmse_pointwise(ref.whiten(x_deq), g)
+        y_deq = ref.whiten(x_deq)
+        out["gauss_deq"] = ref.mmse_pointwise(y_deq, g)
+        out["cv_deq"] = ref.error_draw(y_deq, eta, g) - out["gauss_deq"]
     return out
 
 
@@ -138,7 +218,7 @@ def _gather(part: Curves, index: Tensor, proposal: Proposal) -> Curves:
     n = len(index)
     g = runtime.gather_shards(part.logsnr, n)
     errors = {name: runtime.gather_shards(err, n) for name, err in part.errors.items()}
-    return Curves(runtime.gather_shards(part.index, n), g, proposal.weight(g), errors)
+    return Curves(runtime.gather_shards(part.index, n), g, proposal.weight(g), errors, part.groups)
 
 
 def evaluate(
@@ -150,10 +230,11 @@ def evaluate(
     index: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Curves:
-    """Every candidate's per-cell error for the images `index` of `data` (default all) under `plan`.
+    """Every candidate's per-point error for the images `index` of `data` (default all) under `plan`.
 
     Under torchrun (joining its process group if need be) each rank evaluates its `local_rows`, and every
-    rank returns all rows in `index` order; `progress` counts this rank's cells.
+    rank returns all rows in `index` order; `progress` counts this rank's points. Errors of the noise
+    draws at one point are averaged.
     """
     index = torch.arange(len(data)) if index is None else index
     runtime.init_distributed(device)
@@ -172,32 +253,37 @@ def _evaluate(
 ) -> Curves:
     """The curves of the images `index`, evaluated in this process alone."""
     ref = GaussianReference(ref.mean.to(device), ref.eigvecs.to(device), ref.eigvals.to(device))
-    if isinstance(model, torch.nn.Module):
-        model.to(device)
-    group = max(1, plan.batch_size // plan.points)
+    model = runtime.prepare_model(model, device, plan.channels_last, compile=False)
+    codes = data.x.to(device)  # the whole dataset on the device, uint8 levels for discrete data
+    runner = _Runner(model, plan, device)
+    group = max(1, plan.batch_size // (plan.points * plan.noises))
     chunks: dict[str, list[Tensor]] = {}
     logsnr = []
-    with runtime.exact_float32():
+    with torch.inference_mode(), runtime.network_mode("fp32", device):
         for start in range(0, len(index), group):
-            cells = _Cells(data, index[start : start + group], plan, ref, device)
-            logsnr.append(cells.logsnr.cpu())
-            for b in range(0, cells.logsnr.numel(), plan.batch_size):
-                sl = slice(b, b + plan.batch_size)
-                for name, err in _errors_for(model, cells, sl, data, ref, plan).items():
-                    chunks.setdefault(name, []).append(err.to("cpu", F64))
-                if progress is not None:
-                    progress(min(plan.batch_size, cells.logsnr.numel() - b))
-    shape = (len(index), plan.points)
-    g = torch.cat(logsnr).reshape(shape)
-    errors = {name: torch.cat(parts).reshape(shape) for name, parts in chunks.items()}
-    return Curves(index, g, plan.proposal.weight(g), errors)
+            rows = index[start : start + group]
+            cells = _Cells(data, codes, rows, plan, ref)
+            errors = _errors_for(runner, cells, data, ref, plan)
+            _check_finite(errors["model"], cells.logsnr_host)
+            restore = cells.restore.to(device)
+            for name, err in errors.items():
+                per_point = err[restore].reshape(len(rows), plan.points, plan.noises).mean(2)
+                chunks.setdefault(name, []).append(per_point.to("cpu", F64))
+            logsnr.append(cells.logsnr_host[cells.restore].reshape(len(rows), plan.points, plan.noises)[..., 0])
+            if progress is not None:
+                progress(len(rows) * plan.points)
+    g = torch.cat(logsnr)
+    errors = {name: torch.cat(parts) for name, parts in chunks.items()}
+    return Curves(index, g, plan.proposal.weight(g), errors, stratum_groups(plan.points, plan.scheme))
 
 
 def evals_per_image(plan: Plan) -> int:
-    """Network forwards per image: one per point, two when the dequantized estimator is on."""
-    return plan.points * (2 if plan.want_deq else 1)
+    """Network forwards per image and round: one per point and noise draw, twice with the dequantized estimator."""
+    return plan.points * plan.noises * (2 if plan.want_deq else 1)
 
 
-def default_batch_size(dim: int) -> int:
-    """A power of two near 2²⁰ values per batch, between 64 and 4096 cells."""
+def default_batch_size(dim: int, device: torch.device | None = None) -> int:
+    """Cells per batch: near 2²⁰ values between 64 and 4096 on CPU; 4096 on CUDA (halved on out-of-memory)."""
+    if device is not None and device.type == "cuda":
+        return 4096
     return max(64, min(4096, 1 << (max(1, 2**20 // max(dim, 1)).bit_length() - 1)))

@@ -1,12 +1,14 @@
-"""Everything device-, dtype-, RNG- and rank-specific: device choice, float32/TF32, generators, torchrun."""
+"""Everything device-, dtype-, RNG- and rank-specific: device choice, precision per logSNR, generators, torchrun."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
-from collections.abc import Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,96 @@ from itdcli.errors import ItdError
 
 EVAL_PRECISION = "float32 network, TF32 off, float64 reductions"
 T = TypeVar("T")
+Mode = Literal["bf16", "tf32", "fp32"]
+PrecisionName = Literal["auto", "fp32", "policy", "bf16"]
+# Highest logSNR at which each format keeps the estimates within the 0.002 bpd budget. bf16: measured with
+# benchmarks/precision.py on the bundled digits model (CPU bf16 arithmetic, 128 images): the running change of
+# the rounded integrand passes 0.001 bpd above logSNR −1 (the rounding step is far more sensitive than the
+# format limit γ* ≈ 12.5 of spec §11.1 suggests). TF32 carries 3 more significand bits, which moves every
+# limit of §11.1 up by 2·3·ln 2 ≈ 4.2 nats; it is set from that until `benchmarks/precision.py --device cuda`
+# measures it on a GPU.
+BF16_MAX_LOGSNR = -1.0
+TF32_MAX_LOGSNR = 3.0
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Network precision per logSNR: bf16 autocast below `bf16_below`, TF32 below `tf32_below`, float32 above."""
+
+    name: str
+    bf16_below: float = -math.inf
+    tf32_below: float = -math.inf
+
+    def mode(self, logsnr: float) -> Mode:
+        """The format used for a cell at this logSNR."""
+        if logsnr < self.bf16_below:
+            return "bf16"
+        return "tf32" if logsnr < self.tf32_below else "fp32"
+
+    def describe(self) -> str:
+        """One line for result.json."""
+        if self.name == "fp32":
+            return EVAL_PRECISION
+        return (
+            f"bf16 autocast below logSNR {self.bf16_below:g}, TF32 below {self.tf32_below:g} (CUDA only), "
+            "float32 above; float64 reductions"
+        )
+
+
+def precision(name: PrecisionName, device: torch.device) -> Precision:
+    """`auto`: the per-logSNR policy on CUDA, float32 on CPU (no fast bf16 there); or the named one."""
+    if name == "auto":
+        name = "policy" if device.type == "cuda" else "fp32"
+    if name == "policy":
+        return Precision("policy", BF16_MAX_LOGSNR, TF32_MAX_LOGSNR)
+    if name == "bf16":
+        return Precision("bf16", math.inf, math.inf)
+    return Precision("fp32")
+
+
+@contextlib.contextmanager
+def network_mode(mode: Mode, device: torch.device) -> Iterator[None]:
+    """Run the network in one format: bf16 autocast, TF32 matmuls and convolutions, or exact float32."""
+    if mode == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def prepare_model(
+    model: Callable[..., Tensor], device: torch.device, channels_last: bool, compile: bool
+) -> Callable[..., Tensor]:
+    """Move a network to `device`, in channels-last memory format and compiled when asked (CUDA graphs on GPU)."""
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+    if compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        return cast(Callable[..., Tensor], torch.compile(model, mode=mode, dynamic=False))
+    return model
+
+
+def to_channels_last(z: Tensor) -> Tensor:
+    """An image batch in channels-last memory format (other shapes unchanged)."""
+    return z.contiguous(memory_format=torch.channels_last) if z.dim() == 4 else z
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is a device out-of-memory error, the signal to retry with a smaller batch."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def empty_cache(device: torch.device) -> None:
+    """Release cached GPU memory after an out-of-memory error (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -44,9 +136,12 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator for image `index` of a run seeded with `seed`: the same draws on any device or batch size."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + index * 0x85EBCA77 + 1) % (2**63))
+def generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for image `index` of a run seeded with `seed`: the same draws on any device or batch size.
+
+    `stream` separates independent sets of draws for the same image (rounds of points, the pilot pass).
+    """
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + index * 0x85EBCA77 + stream * 0xC2B2AE3D + 1) % (2**63))
 
 
 # Distributed runs: one process per device under `torchrun`, which sets RANK, LOCAL_RANK and WORLD_SIZE.

@@ -15,6 +15,9 @@ from itdcli.core.proposal import Proposal
 from itdcli.engine import Curves
 
 EDGE_TOLERANCE_BPD = 0.01
+CONTROL = {"continuous": "cv", "discrete": "cv", "dequantized": "cv_deq"}
+EXACT = ("gauss", "gauss_deq")  # candidates whose error is an exact expectation, with no noise to control
+CONTROL_BINS = 16
 
 # Candidate denoisers per estimator, the first being the model's own (used alone under selection "none").
 CANDIDATES = {
@@ -41,13 +44,17 @@ class Rule:
 
     Without `select_means` the choice follows `selection` over the scored images (crossfit folds by default);
     with it, each column takes the candidate whose mean error on separate selection data is lowest.
+    `control` subtracts the Gaussian denoiser's error on the same noise draw as a control variate.
     """
 
     candidates: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(CANDIDATES))
     select_means: Mapping[str, Tensor] | None = None
+    control: bool = True
 
 
-def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores, rule: Rule) -> Tensor:
+def _pick(
+    curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores, rule: Rule, proposal: Proposal
+) -> Tensor:
     """The per-cell error of the denoiser chosen per point column among the kind's candidates."""
     names = tuple(n for n in rule.candidates[kind] if n in curves.errors)
     stack = torch.stack([curves.errors[n] for n in names])
@@ -57,7 +64,18 @@ def _pick(curves: Curves, kind: str, folds: Tensor, selection: est.Selection, ou
         means = torch.stack([rule.select_means[n] for n in names])
         choice = means.argmin(0).expand(stack.shape[1], -1).clone()
     out.choice[kind], out.candidates[kind] = choice, names
-    return est.chosen(stack, choice)
+    err = est.chosen(stack, choice)
+    cv = curves.errors.get(CONTROL[kind]) if rule.control else None
+    if cv is None:
+        return err
+    noisy = ~torch.isin(choice, torch.tensor([i for i, n in enumerate(names) if n in EXACT], dtype=torch.long))
+    return est.control_variate(err, cv * noisy, curves.weight, _bins(curves, proposal), folds)
+
+
+def _bins(curves: Curves, proposal: Proposal) -> Tensor:
+    """Each cell's logSNR bin, by quantiles of the proposal, for the control-variate slopes."""
+    edges = proposal.icdf(torch.linspace(0, 1, CONTROL_BINS + 1, dtype=torch.float64))[1:-1]
+    return torch.bucketize(curves.logsnr, edges)
 
 
 def score(
@@ -76,22 +94,22 @@ def score(
     out = Scores()
     folds = est.crossfit_folds(len(curves.index), 2, torch.Generator().manual_seed(seed + 1))
     mmse_g = ref.mmse(curves.logsnr)
-    w = curves.weight
+    w, groups = curves.weight, curves.groups
     if "continuous" in names or "continuous_pointwise" in names:
-        e = _pick(curves, "continuous", folds, selection, out, rule)
-        out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e)
+        e = _pick(curves, "continuous", folds, selection, out, rule, proposal)
+        out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e, groups)
         gauss = curves.errors["gauss"]
-        out.estimates["continuous_pointwise"] = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e)
+        out.estimates["continuous_pointwise"] = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e, groups)
         out.integrands["continuous"] = 0.5 * (gauss - e)
     if "discrete" in names and levels:
-        e = _pick(curves, "discrete", folds, selection, out, rule)
+        e = _pick(curves, "discrete", folds, selection, out, rule, proposal)
         left = ref.left_tail(proposal.logsnr_min, ref.whiten(values))
         right = est.right_tail(proposal.logsnr_max, ref.dim, levels)
-        out.estimates["discrete"] = est.nll_discrete(left, right, w, e)
+        out.estimates["discrete"] = est.nll_discrete(left, right, w, e, groups)
         out.integrands["discrete"] = 0.5 * e
     if "dequantized" in names and levels:
-        e = _pick(curves, "dequantized", folds, selection, out, rule)
-        out.estimates["dequantized"] = est.nll_dequantized(ref.entropy(), mmse_g, w, e, ref.dim, levels)
+        e = _pick(curves, "dequantized", folds, selection, out, rule, proposal)
+        out.estimates["dequantized"] = est.nll_dequantized(ref.entropy(), mmse_g, w, e, groups, ref.dim, levels)
         out.integrands["dequantized"] = 0.5 * (curves.errors["gauss_deq"] - e)
     out.warnings = _edge_warnings(out.integrands, proposal, ref.dim, levels)
     return out

@@ -148,7 +148,8 @@ def test_torchrun_nll_matches_a_single_process_exactly(
         torch.testing.assert_close(ranks[key], one[key], rtol=1e-12, atol=1e-12, msg=key)
     assert ranks["index"].tolist() == sorted(ranks["index"].tolist()) and len(ranks["index"]) == 30
     saved = json.loads((out / "result.json").read_text())
-    assert saved["estimates"] == alone.model_dump()["estimates"]
+    for name, e in alone.model_dump()["estimates"].items():  # sums over ranks' rows may differ in the last bit
+        assert saved["estimates"][name] == pytest.approx(e, rel=1e-12), name
     assert saved["data"]["n_images"] == 30 and saved["warnings"] == alone.warnings
 
 

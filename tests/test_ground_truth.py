@@ -103,7 +103,8 @@ def test_gaussian_mixture_pointwise_estimate_matches_the_exact_density() -> None
 
 
 def test_results_do_not_depend_on_batch_size_or_on_the_subset() -> None:
-    common = {"points": 12, "seed": 5, "save": False, "selection": "none"}
+    # no control variate: its slopes are fitted on other images, so per-image values would depend on the subset
+    common = {"points": 12, "seed": 5, "save": False, "selection": "none", "control_variate": False}
     small = itdcli.nll("digits_test", "gaussian", batch_size=7, limit=25, **common)
     large = itdcli.nll("digits_test", "gaussian", batch_size=500, limit=25, **common)
     for name in small.estimates:

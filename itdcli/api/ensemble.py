@@ -21,6 +21,7 @@ from itdcli.api.results import EstimateResult, NllResult
 from itdcli.errors import ItdError
 
 ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_POINTS = 100
 KINDS = {"continuous": ("model",), "discrete": ("model", "round"), "dequantized": ("deq",)}
 GAUSS = {"continuous": "gauss", "discrete": "gauss", "dequantized": "gauss_deq"}
 REFERENCE = "N(μ,Σ) reference"
@@ -81,14 +82,16 @@ def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, d
     from itdcli.engine import Curves
 
     a = results[0].arrays
-    errors = {k: a[f"mse/{k}"].double() for k in ("gauss", "gauss_deq") if f"mse/{k}" in a}
+    shared = ("gauss", "gauss_deq", "cv", "cv_deq")  # the same for every member: same images, points and noise
+    errors = {k: a[f"mse/{k}"].double() for k in shared if f"mse/{k}" in a}
     for label, r in zip(labels, results, strict=True):
         errors.update({f"{label}/{k}": v.double() for k, v in _errors_of(r).items()})
     candidates = {
         kind: (GAUSS[kind], *[f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors])
         for kind, kinds in KINDS.items()
     }
-    return Curves(a["index"], a["logsnr"].double(), a["weight"].double(), errors), candidates
+    curves = Curves(a["index"], a["logsnr"].double(), a["weight"].double(), errors, a["groups"])
+    return curves, candidates
 
 
 def _errors_of(r: NllResult) -> dict[str, torch.Tensor]:
@@ -106,7 +109,7 @@ def _restrict(curves: Any, rows: torch.Tensor) -> Any:
     from itdcli.engine import Curves
 
     errors = {k: v[rows] for k, v in curves.errors.items()}
-    return Curves(curves.index[rows], curves.logsnr[rows], curves.weight[rows], errors)
+    return Curves(curves.index[rows], curves.logsnr[rows], curves.weight[rows], errors, curves.groups)
 
 
 def _winners(curves: Any, candidates: dict[str, tuple[str, ...]], proposal: Any, means: Any) -> dict[str, Any]:
@@ -162,7 +165,8 @@ def ensemble(
         raise ItdError("give at least one --model or saved run to combine with the Gaussian reference")
     if select_on is not None and runs:
         raise ItdError("--select-on re-evaluates the members on other data: give them as --model, not as saved --run")
-    member_opts = {**options, "save": False}
+    # members must share every logSNR point: a fixed budget and the base proposal (no per-model pilot)
+    member_opts = {**options, "save": False, "adapt": False, "points": options.get("points") or ENSEMBLE_POINTS}
     results = [records.read_run(Path(r)) for r in runs]
     results += [nll(data, m, reference=reference, progress=progress, **member_opts) for m in models]
     _check_compatible(results)
@@ -172,7 +176,7 @@ def ensemble(
     dataset = load_data(data, levels=first.data.levels)
     ref = resolve_reference(reference, dataset).ref
     p = first.proposal
-    proposal = Proposal(p.kind, p.loc, p.scale, p.logsnr_min, p.logsnr_max)  # type: ignore[arg-type]
+    proposal = Proposal(p.kind, p.loc, p.scale, p.logsnr_min, p.logsnr_max, tuple(p.edges), tuple(p.mass))  # type: ignore[arg-type]
     rows = torch.arange(curves.logsnr.shape[0])
     means = None
     if select_on is not None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from itdcli import runtime
 from itdcli.api import records
 from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo
 from itdcli.core import estimators as est
@@ -23,6 +24,7 @@ from itdcli.core.proposal import (
     PointScheme,
     Proposal,
     ProposalKind,
+    fit_adaptive,
     logistic_from_spectrum,
 )
 from itdcli.core.units import bits_per_dim
@@ -31,6 +33,8 @@ from itdcli.errors import ItdError
 EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
 FLOAT32_LOGSNR_LIMIT = 30.0
 STANDARD_NORMAL = "standard-normal"
+DEFAULT_TARGET_STDERR = 0.005
+FIRST_ROUND_POINTS = 16
 
 
 class NllOptions(BaseModel):
@@ -40,7 +44,18 @@ class NllOptions(BaseModel):
 
     estimator: EstimatorChoice | None = None
     discrete: bool = False
-    points: PositiveInt = 100
+    points: PositiveInt | None = None
+    target_stderr: float | None = Field(None, gt=0)
+    max_points: PositiveInt = 1024
+    adapt: bool = True
+    pilot_points: PositiveInt = 8
+    pilot_images: PositiveInt = 64
+    draws: PositiveInt = 1
+    antithetic: bool = False
+    control_variate: bool = True
+    precision: runtime.PrecisionName = "auto"
+    channels_last: bool = True
+    compile: bool = False
     seed: int = Field(0, ge=0)
     batch_size: PositiveInt | None = None
     device: str = "auto"
@@ -148,17 +163,132 @@ def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor:
 def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
     """Nats per image and bits/dim, with None for an undefined standard error."""
     se = None if math.isnan(e.stderr) else e.stderr
+    sampling = None if math.isnan(e.sampling_stderr) else bits_per_dim(e.sampling_stderr, dim)
     return EstimateResult(
         bpd=bits_per_dim(e.mean, dim),
         stderr_bpd=None if se is None else bits_per_dim(se, dim),
         nats=e.mean,
         stderr_nats=se,
+        sampling_stderr_bpd=sampling,
     )
+
+
+# The integrand of each estimator per cell, from the candidate errors (nats per unit logSNR).
+INTEGRANDS = {
+    "continuous": ("gauss", "model"),
+    "discrete": (None, "round"),
+    "dequantized": ("gauss_deq", "deq"),
+}
+
+
+class _Run:
+    """The evaluation of one `itd nll`: an optional pilot that adapts the proposal, then rounds of points."""
+
+    def __init__(
+        self,
+        net: Any,
+        dataset: Any,
+        ref: GaussianReference,
+        device: torch.device,
+        index: torch.Tensor,
+        names: list[str],
+        opts: NllOptions,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """Hold the inputs; the target is the option, or the default when no fixed --points is given."""
+        self.net, self.dataset, self.ref, self.device, self.index = net, dataset, ref, device, index
+        self.names, self.opts, self.progress = names, opts, progress
+        self.target = opts.target_stderr or (None if opts.points else DEFAULT_TARGET_STDERR)
+        self.evals = self.pilot_evals = 0.0
+        self.round_count = 0
+        self.done = 0
+
+    def _tick(self, n: int, total: int) -> None:
+        """Progress in points of this rank, against the points planned so far."""
+        self.done += n
+        if self.progress is not None and runtime.is_main():
+            self.progress(self.done, total)
+
+    def _evaluate(self, plan: Any, index: torch.Tensor) -> Any:
+        """One round of `plan` over `index`, counting network forwards and reporting progress."""
+        from itdcli import engine
+
+        total = self.done + len(engine.local_rows(index)) * plan.points
+        curves = engine.evaluate(
+            self.net, self.dataset, self.ref, plan, self.device, index, lambda n: self._tick(n, total)
+        )
+        return curves, engine.evals_per_image(plan) * len(index)
+
+    def adapt(self, plan: Any) -> Any:
+        """A pilot on a seeded subset of the data fits the proposal to this model's integrands (its forwards count)."""
+        from dataclasses import replace
+
+        from itdcli import engine
+
+        # pilot images are drawn from the whole dataset, so the proposal does not depend on --limit
+        rows = _subset(len(self.dataset), self.opts.pilot_images, self.opts.seed + 3)
+        pilot = replace(plan, points=self.opts.pilot_points, stream=engine.PILOT_STREAM)
+        curves, evals = self._evaluate(pilot, rows)
+        self.pilot_evals = self.evals = float(evals)
+        integrands = [_integrand(curves.errors, kind) for kind in INTEGRANDS if kind in self._kinds()]
+        fitted = fit_adaptive(plan.proposal, curves.logsnr, [f for f in integrands if f is not None])
+        return replace(plan, proposal=fitted)
+
+    def _kinds(self) -> set[str]:
+        """The estimator kinds this run reports."""
+        return {n.removesuffix("_pointwise") for n in self.names}
+
+    def rounds(self, plan: Any) -> tuple[Any, Any, Any]:
+        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap)."""
+        from dataclasses import replace
+
+        from itdcli import scoring
+
+        curves = None
+        while True:
+            more, evals = self._evaluate(replace(plan, stream=self.round_count), self.index)
+            self.evals += evals
+            self.round_count += 1
+            curves = more if curves is None else curves.extended(more)
+            scores = scoring.score(
+                curves,
+                self.ref,
+                self.dataset.values(self.index),
+                plan.proposal,
+                self.dataset.levels,
+                self.names,
+                self.opts.selection,
+                self.opts.seed,
+                scoring.Rule(control=self.opts.control_variate),
+            )
+            points = self._next_round(scores, int(curves.logsnr.shape[1]))
+            if points == 0:
+                return curves, scores, plan
+            plan = replace(plan, points=points)
+
+    def _next_round(self, scores: Any, done: int) -> int:
+        """Points per image of the next round: enough for the target if the error falls as 1/√points, else 0."""
+        if self.target is None or done >= self.opts.max_points:
+            return 0
+        worst = max(bits_per_dim(scores.estimates[n].stderr, self.dataset.dim) for n in self.names)
+        if not worst > self.target:
+            return 0
+        wanted = math.ceil(done * ((worst / self.target) ** 2 - 1) * 1.1)
+        return max(4, min(wanted + wanted % 2, self.opts.max_points - done))
+
+
+def _integrand(errors: dict[str, torch.Tensor], kind: str) -> torch.Tensor | None:
+    """½(reference error − model error) for the continuous kinds, ½ model error for the discrete one."""
+    base, model = INTEGRANDS[kind]
+    if model not in errors:
+        return None
+    return 0.5 * (errors[base] - errors[model]) if base is not None else 0.5 * errors[model]
 
 
 def _arrays(curves: Any, scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
     """The per-image and per-cell arrays saved beside result.json."""
     arrays = {"index": curves.index, "logsnr": curves.logsnr, "weight": curves.weight, "eigvals": ref.eigvals}
+    arrays["groups"] = curves.groups
     arrays.update({f"mse/{k}": v.to(torch.float32) for k, v in curves.errors.items()})
     arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
@@ -182,7 +312,7 @@ def nll(
     Under torchrun the ranks share the images and all return the same result; only rank 0 reports
     progress and writes the record.
     """
-    from itdcli import __version__, engine, runtime, scoring
+    from itdcli import __version__, engine
     from itdcli.data import load_data
     from itdcli.models import load_model
 
@@ -200,31 +330,28 @@ def nll(
     index = _subset(len(dataset), opts.limit, opts.seed)
     plan = engine.Plan(
         proposal,
-        opts.points,
+        opts.points or FIRST_ROUND_POINTS,
         opts.scheme,
         opts.seed,
-        opts.batch_size or engine.default_batch_size(dataset.dim),
+        opts.batch_size or engine.default_batch_size(dataset.dim, device),
         opts.rounding,
         want_round="discrete" in names,
         want_deq="dequantized" in names,
+        draws=opts.draws,
+        antithetic=opts.antithetic,
+        precision=runtime.precision(opts.precision, device),
+        channels_last=opts.channels_last,
     )
     runtime.init_distributed(device)
     runtime.barrier()  # every rank has checked its inputs and --out before rank 0 can write
-    total = len(engine.local_rows(index)) * opts.points
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None and runtime.is_main():
-            progress(done, total)
-
+    net = runtime.prepare_model(denoiser, device, opts.channels_last, opts.compile)
+    run = _Run(net, dataset, ref, device, index, names, opts, progress)
     start = time.perf_counter()
-    curves = engine.evaluate(denoiser, dataset, ref, plan, device, index, tick)
+    if opts.adapt:
+        plan = run.adapt(plan)
+    curves, scores, plan = run.rounds(plan)
     seconds = time.perf_counter() - start
-    scores = scoring.score(
-        curves, ref, dataset.values(index), proposal, dataset.levels, names, opts.selection, opts.seed
-    )
+    proposal = plan.proposal
     result = NllResult(
         itd_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -246,8 +373,10 @@ def nll(
             logsnr_min=proposal.logsnr_min,
             logsnr_max=proposal.logsnr_max,
             scheme=opts.scheme,
+            edges=list(proposal.edges),
+            mass=list(proposal.mass),
         ),
-        points=opts.points,
+        points=int(curves.logsnr.shape[1]),
         seed=opts.seed,
         batch_size=plan.batch_size,
         selection=opts.selection,
@@ -255,11 +384,19 @@ def nll(
         time_map=str(getattr(denoiser, "time_map", opts.time_map)),
         candidates={k: list(v) for k, v in scores.candidates.items()},
         estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in names},
-        evals_per_image=engine.evals_per_image(plan),
+        evals_per_image=run.evals / len(index),
         seconds=seconds,
         device=str(device),
-        precision=runtime.EVAL_PRECISION,
-        stderr_method=f"std/sqrt(N) over per-image values; every image draws its own {opts.scheme} points and noise",
+        precision=plan.precision.describe(),
+        rounds=run.round_count,
+        target_stderr_bpd=run.target,
+        pilot_evals_per_image=run.pilot_evals / len(index),
+        draws=opts.draws,
+        antithetic=opts.antithetic,
+        stderr_method=(
+            f"Monte Carlo: collapsed {opts.scheme} strata within each image, √(Σ var)/N over images; "
+            "sampling_stderr_bpd: std/√N over per-image values"
+        ),
         warnings=scores.warnings + _run_warnings(reference, dataset, proposal, denoiser),
         arrays=_arrays(curves, scores, ref, dataset.dim),
     )

@@ -10,12 +10,17 @@ ESTIMATOR_NAMES = ("continuous", "continuous_pointwise", "discrete", "dequantize
 
 
 class EstimateResult(BaseModel):
-    """One estimator's dataset mean and standard error, in bits/dim and in nats per image."""
+    """One estimator's dataset mean with its Monte Carlo standard error and its sampling standard error.
+
+    `stderr_*` is the Monte Carlo error of the mean over the scored images (what more points shrink);
+    `sampling_stderr_bpd` is std/√N over images, the error as an estimate for the data's population.
+    """
 
     bpd: float
     stderr_bpd: float | None
     nats: float
     stderr_nats: float | None
+    sampling_stderr_bpd: float | None = None
 
 
 class DataInfo(BaseModel):
@@ -50,6 +55,8 @@ class ProposalInfo(BaseModel):
     logsnr_min: float
     logsnr_max: float
     scheme: str
+    edges: list[float] = Field(default_factory=list)
+    mass: list[float] = Field(default_factory=list)
 
 
 class NllResult(BaseModel):
@@ -57,7 +64,7 @@ class NllResult(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    schema_version: str = "itd.nll/1"
+    schema_version: str = "itd.nll/2"
     itd_version: str
     created: str
     data: DataInfo
@@ -72,10 +79,15 @@ class NllResult(BaseModel):
     time_map: str = "exact"
     candidates: dict[str, list[str]] = Field(default_factory=dict)
     estimates: dict[str, EstimateResult]
-    evals_per_image: int
+    evals_per_image: float
     seconds: float
     device: str
     precision: str
+    rounds: int = 1
+    target_stderr_bpd: float | None = None
+    pilot_evals_per_image: float = 0.0
+    draws: int = 1
+    antithetic: bool = False
     stderr_method: str
     warnings: list[str] = Field(default_factory=list)
     run_dir: str | None = None

@@ -20,6 +20,22 @@ ReferenceOpt = Annotated[
     ),
 ]
 PointsOpt = Annotated[int, typer.Option(help="logSNR points per image, drawn from the proposal (see --scheme).")]
+BudgetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--points",
+        help="A fixed budget of logSNR points per image (default: rounds of points until --target-stderr is met).",
+    ),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="Network precision: auto (the per-logSNR policy on CUDA, fp32 on CPU), policy, fp32 or bf16.",
+    ),
+]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="Compile the network with torch.compile (CUDA graphs on GPU).")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for logSNR points, noise and subsets.")]
 BatchOpt = Annotated[
     int | None,

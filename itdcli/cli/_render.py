@@ -76,14 +76,18 @@ def print_nll(result: NllResult) -> None:
     table.add_column("estimator")
     table.add_column("bits/dim", justify="right")
     table.add_column("nats/image", justify="right")
+    table.add_column("± over images", justify="right")
     for name, e in result.estimates.items():
-        table.add_row(name, _pm(e.bpd, e.stderr_bpd), _pm(e.nats, e.stderr_nats))
+        spread = "" if e.sampling_stderr_bpd is None else f"{e.sampling_stderr_bpd:.4f}"
+        table.add_row(name, _pm(e.bpd, e.stderr_bpd), _pm(e.nats, e.stderr_nats), spread)
     console.print(table)
     p = result.proposal
+    rounds = f" in {result.rounds} rounds" if result.rounds > 1 else ""
+    target = f" (target ± {result.target_stderr_bpd:g})" if result.target_stderr_bpd else ""
     console.print(
         f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}], {p.kind} proposal (loc {p.loc:.3f}, "
-        f"scale {p.scale:.3f}); {result.evals_per_image} network evaluations per image; "
-        f"{result.seconds:.1f} s on {result.device}",
+        f"scale {p.scale:.3f}); {result.evals_per_image:.1f} network evaluations per image{rounds}{target}, "
+        f"pilot included; {result.seconds:.1f} s on {result.device}",
         highlight=False,
     )
     if result.run_dir:

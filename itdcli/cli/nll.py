@@ -21,7 +21,22 @@ def nll_command(
         str | None,
         typer.Option(help="continuous, discrete, dequantized or all (default: all for discrete data)."),
     ] = None,
-    points: o.PointsOpt = 100,
+    points: o.BudgetOpt = None,
+    target_stderr: Annotated[
+        float | None,
+        typer.Option(help="Add points until every Monte Carlo standard error is at most this (bpd; default 0.005)."),
+    ] = None,
+    max_points: Annotated[int, typer.Option(help="Most logSNR points per image when aiming at a target.")] = 1024,
+    adapt: Annotated[
+        bool, typer.Option(help="Fit the logSNR proposal to the model's integrands in a short pilot pass.")
+    ] = True,
+    draws: Annotated[int, typer.Option(help="Noise draws per logSNR point.")] = 1,
+    antithetic: Annotated[bool, typer.Option("--antithetic", help="Evaluate every noise draw also at −ε.")] = False,
+    control_variate: Annotated[
+        bool, typer.Option(help="Use the Gaussian denoiser's error on the same noise as a control variate.")
+    ] = True,
+    precision: o.PrecisionOpt = "auto",
+    compile_net: o.CompileOpt = False,
     seed: o.SeedOpt = 0,
     batch_size: o.BatchOpt = None,
     device: o.DeviceOpt = "auto",
@@ -58,6 +73,14 @@ def nll_command(
         "estimator": estimator,
         "discrete": discrete,
         "points": points,
+        "target_stderr": target_stderr,
+        "max_points": max_points,
+        "adapt": adapt,
+        "draws": draws,
+        "antithetic": antithetic,
+        "control_variate": control_variate,
+        "precision": precision,
+        "compile": compile_net,
         "seed": seed,
         "batch_size": batch_size,
         "device": device,

@@ -13,7 +13,7 @@ COMMON = {"points": 16, "limit": 120, "seed": 5}
 
 
 def test_an_ensemble_of_one_model_equals_that_model() -> None:
-    alone = itdcli.nll("digits_test", "digits", save=False, **COMMON)
+    alone = itdcli.nll("digits_test", "digits", save=False, adapt=False, **COMMON)  # members share the base proposal
     ens = ensemble("digits_test", ["digits"], save=False, **COMMON)
     for name, e in alone.estimates.items():
         assert ens.ensemble[name].bpd == pytest.approx(e.bpd, abs=1e-5), name

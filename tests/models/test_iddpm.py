@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +38,7 @@ SMALL = IDDPMConfig(image_size=32, model_channels=32, num_res_blocks=1, attentio
 TINY = IDDPMConfig(image_size=16, model_channels=32, num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These networks are tiny: one intra-op thread avoids oversubscription when other test runs share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:

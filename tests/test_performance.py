@@ -1,0 +1,82 @@
+"""Execution and efficiency features of `itd nll`: precision policy, out-of-memory backoff, rounds to a target."""
+
+import math
+
+import pytest
+import torch
+
+import itdcli
+from itdcli import runtime
+
+COMMON = {"points": 16, "limit": 40, "seed": 3, "adapt": False, "save": False}
+
+
+def test_precision_policy_stays_within_0_002_bpd_of_float32_and_all_bf16_does_not() -> None:
+    """Real bf16 arithmetic on the CPU (autocast) below the policy's threshold; float32 above it."""
+    exact = itdcli.nll("digits_test", "digits", precision="fp32", **COMMON)
+    policy = itdcli.nll("digits_test", "digits", precision="policy", **COMMON)
+    for name, e in exact.estimates.items():
+        assert abs(policy.estimates[name].bpd - e.bpd) <= 0.002, name
+    assert "bf16 autocast below logSNR" in policy.precision
+    crude = itdcli.nll("digits_test", "digits", precision="bf16", **COMMON)
+    assert max(abs(crude.estimates[n].bpd - e.bpd) for n, e in exact.estimates.items()) > 0.002
+
+
+def test_policy_modes_follow_the_thresholds() -> None:
+    p = runtime.precision("policy", torch.device("cuda"))
+    assert [p.mode(g) for g in (-5.0, runtime.BF16_MAX_LOGSNR, runtime.TF32_MAX_LOGSNR, 20.0)] == [
+        "bf16",
+        "tf32",
+        "fp32",
+        "fp32",
+    ]
+    assert runtime.precision("auto", torch.device("cpu")).name == "fp32"
+    assert runtime.precision("auto", torch.device("cuda")).name == "policy"
+
+
+class _SmallMemory:
+    """The bundled network behind a device that runs out of memory above 24 cells per batch."""
+
+    def __init__(self) -> None:
+        self.net = itdcli.load_model("digits")
+        self.largest = 0
+
+    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        if z.shape[0] > 24:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.largest = max(self.largest, z.shape[0])
+        return self.net(z, logsnr)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_answer() -> None:
+    small = _SmallMemory()
+    backed_off = itdcli.nll("digits_test", small, batch_size=200, **COMMON)
+    direct = itdcli.nll("digits_test", "digits", batch_size=16, **COMMON)
+    assert small.largest == 200 // 2**4  # 200 → 100 → 50 → 25 → 12: the first size that fits
+    for name, e in direct.estimates.items():
+        assert backed_off.estimates[name].bpd == pytest.approx(e.bpd, abs=1e-6), name
+
+
+def test_rounds_stop_at_the_target_and_the_reported_error_matches_the_spread_over_seeds() -> None:
+    # without the control variate: the Gaussian's own error is its control variate, which would leave no noise
+    run = itdcli.nll("digits_test", "gaussian", target_stderr=0.01, control_variate=False, save=False)
+    assert run.rounds >= 2 and run.target_stderr_bpd == 0.01
+    assert all(e.stderr_bpd is not None and e.stderr_bpd <= 0.01 for e in run.estimates.values())
+    assert run.points == run.arrays["logsnr"].shape[1] > 16
+    # honesty: the Monte Carlo standard error of a fixed budget against independent repetitions (other seeds)
+    runs = [
+        itdcli.nll("digits_test", "gaussian", points=4, seed=s, control_variate=False, save=False) for s in range(8)
+    ]
+    for name in ("continuous", "discrete", "dequantized"):
+        means = torch.tensor([r.estimates[name].bpd for r in runs])
+        reported = math.sqrt(sum(r.estimates[name].stderr_bpd ** 2 for r in runs) / len(runs))  # type: ignore[operator]
+        assert 0.5 < reported / float(means.std()) < 2.2, name
+
+
+def test_noise_draws_and_antithetic_pairs_are_counted_and_agree() -> None:
+    one = itdcli.nll("digits_test", "gaussian", control_variate=False, **COMMON)
+    anti = itdcli.nll("digits_test", "gaussian", draws=2, antithetic=True, control_variate=False, **COMMON)
+    assert anti.evals_per_image == 4 * one.evals_per_image
+    for name, e in one.estimates.items():
+        gap = abs(anti.estimates[name].bpd - e.bpd)
+        assert gap < 4 * math.hypot(e.stderr_bpd or 0, anti.estimates[name].stderr_bpd or 0), name
