@@ -41,3 +41,6 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/nll.py")
     session.run("python", "benchmarks/selection_bias.py")
+    session.run("python", "benchmarks/throughput.py")
+    session.run("python", "benchmarks/precision.py")
+    session.run("python", "benchmarks/efficiency.py")

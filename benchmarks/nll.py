@@ -43,14 +43,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--points", type=int, default=16)
     parser.add_argument("--limit", type=int, default=120)
+    parser.add_argument("--compile", action="store_true", help="also time itd nll --compile (slow to compile on CPU)")
     args = parser.parse_args()
     data = itdcli.load_data("digits_test")
     model = itdcli.load_model("digits")
     x = data.values(torch.arange(args.limit))
     naive = naive_points_per_second(model, x, 17, args.points)
-    result = itdcli.nll("digits_test", "digits", points=args.points, limit=args.limit, save=False)
-    ours = args.limit * args.points / result.seconds
-    rows = [("naive (fp32, one logSNR at a time, 3 forwards)", naive, 3.0), ("itd nll (all estimators)", ours, 2.0)]
+    common = {"points": args.points, "limit": args.limit, "save": False, "adapt": False}
+    rows = [("naive (fp32, one logSNR at a time, 3 forwards)", naive, 3.0)]
+    variants = {"itd nll (all estimators)": {}, "itd nll --no-channels-last": {"channels_last": False}}
+    if args.compile:
+        itdcli.nll("digits_test", "digits", compile=True, **{**common, "limit": 8})  # compile outside the clock
+        variants["itd nll --compile"] = {"compile": True}
+    for name, extra in variants.items():
+        result = itdcli.nll("digits_test", "digits", **common, **extra)
+        rows.append((name, args.limit * args.points / result.seconds, 2.0))
+    ours = rows[1][1]
     print(f"{'method':<50} {'points/s':>10} {'forwards/point':>15} {'ratio':>7}")
     for name, rate, forwards in rows:
         print(f"{name:<50} {rate:>10.0f} {forwards:>15.0f} {rate / naive:>7.2f}")
