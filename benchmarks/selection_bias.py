@@ -65,6 +65,7 @@ def main(reps: int = 10, n: int = 300, points: int = 256, d: int = 8) -> None:
                 logsnr_min=-12.0,
                 logsnr_max=16.0,
                 proposal="uniform",
+                device="cpu",  # the mixture's exact denoiser lives on the CPU
                 save=False,
             )
             rows[rule].append(r.estimates["continuous"].bpd - exact)

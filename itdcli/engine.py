@@ -46,6 +46,7 @@ class Plan:
     antithetic: bool = False
     precision: runtime.Precision = field(default_factory=lambda: runtime.Precision("fp32"))
     channels_last: bool = False
+    fixed_shape: bool = False  # pad every batch to the batch size (a compiled network then compiles once)
 
     @property
     def noises(self) -> int:
@@ -122,9 +123,11 @@ class _Runner:
         z = channel.noisy(x.to(F64), eps.to(F64), logsnr).to(torch.float32)
         if self.plan.channels_last:
             z = runtime.to_channels_last(z)
+        n = z.shape[0]
+        size = self.batch if self.plan.fixed_shape and n < self.batch else n  # a compiled network sees one shape
         try:
             with runtime.network_mode(mode, self.device):
-                eps_hat = self.model(z, logsnr)
+                eps_hat = self.model(_padded(z, size), _padded(logsnr, size))[:n]
         except (RuntimeError, TypeError, ValueError) as exc:
             if runtime.is_out_of_memory(exc):
                 raise
@@ -135,6 +138,11 @@ class _Runner:
             ) from exc
         _check_shape(eps_hat, z)
         return eps.to(F64) - eps_hat.to(F64)
+
+
+def _padded(t: Tensor, size: int) -> Tensor:
+    """`t` with its last row repeated up to `size` rows."""
+    return t if t.shape[0] >= size else torch.cat([t, t[-1:].expand(size - t.shape[0], *t.shape[1:])])
 
 
 class _Cells:

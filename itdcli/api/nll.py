@@ -21,9 +21,9 @@ from itdcli.core import estimators as est
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import (
     PAPER_SCALE_CONSTANT,
+    BaseProposalKind,
     PointScheme,
     Proposal,
-    ProposalKind,
     fit_adaptive,
     logistic_from_spectrum,
 )
@@ -63,7 +63,7 @@ class NllOptions(BaseModel):
     selection: est.Selection = "crossfit"
     rounding: Literal["soft", "hard"] = "soft"
     scheme: PointScheme = "stratified"
-    proposal: ProposalKind = "logistic"
+    proposal: BaseProposalKind = "logistic"
     scale_constant: float = Field(PAPER_SCALE_CONSTANT, gt=0)
     clip: float = Field(4.0, gt=0)
     logsnr_min: float | None = None
@@ -274,7 +274,7 @@ class _Run:
         if not worst > self.target:
             return 0
         wanted = math.ceil(done * ((worst / self.target) ** 2 - 1) * 1.1)
-        return max(4, min(wanted + wanted % 2, self.opts.max_points - done))
+        return min(max(4, wanted + wanted % 2), self.opts.max_points - done)
 
 
 def _integrand(errors: dict[str, torch.Tensor], kind: str) -> torch.Tensor | None:
@@ -341,6 +341,7 @@ def nll(
         antithetic=opts.antithetic,
         precision=runtime.precision(opts.precision, device),
         channels_last=opts.channels_last,
+        fixed_shape=opts.compile,
     )
     runtime.init_distributed(device)
     runtime.barrier()  # every rank has checked its inputs and --out before rank 0 can write

@@ -19,6 +19,7 @@ F64 = torch.float64
 PAPER_SCALE_CONSTANT = 3 / math.pi
 MOMENT_SCALE_CONSTANT = 3 / math.pi**2
 
+BaseProposalKind = Literal["logistic", "uniform"]
 ProposalKind = Literal["logistic", "uniform", "adaptive"]
 PointScheme = Literal["stratified", "iid"]
 
