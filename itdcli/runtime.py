@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -20,12 +20,11 @@ EVAL_PRECISION = "float32 network, TF32 off, float64 reductions"
 T = TypeVar("T")
 Mode = Literal["bf16", "tf32", "fp32"]
 PrecisionName = Literal["auto", "fp32", "policy", "bf16"]
-# Highest logSNR at which each format keeps the estimates within the 0.002 bpd budget. bf16: measured with
-# benchmarks/precision.py on the bundled digits model (CPU bf16 arithmetic, 128 images): the running change of
-# the rounded integrand passes 0.001 bpd above logSNR −1 (the rounding step is far more sensitive than the
-# format limit γ* ≈ 12.5 of spec §11.1 suggests). TF32 carries 3 more significand bits, which moves every
-# limit of §11.1 up by 2·3·ln 2 ≈ 4.2 nats; it is set from that until `benchmarks/precision.py --device cuda`
-# measures it on a GPU.
+# Highest logSNR at which each format keeps the estimates within the 0.002 bpd budget, measured with
+# benchmarks/precision.py on the bundled digits model (128 images; CPU bf16 arithmetic, TF32 emulated by
+# rounding matmul operands): the running mean absolute change of the rounded integrand reaches 0.001 bpd at
+# logSNR −1 in bf16, and TF32 adds 0.00065 bpd from −1 to 3 (0.00103 by 4). The rounding step is far more
+# sensitive than the format limits γ* ≈ 12.5 (bf16) and 16.6 (TF32) of spec §11.1 suggest.
 BF16_MAX_LOGSNR = -1.0
 TF32_MAX_LOGSNR = 3.0
 
@@ -49,7 +48,7 @@ class Precision:
         if self.name == "fp32":
             return EVAL_PRECISION
         return (
-            f"bf16 autocast below logSNR {self.bf16_below:g}, TF32 below {self.tf32_below:g} (CUDA only), "
+            f"bf16 autocast below logSNR {self.bf16_below:g}, TF32 below {self.tf32_below:g} (emulated on CPU), "
             "float32 above; float64 reductions"
         )
 
@@ -67,9 +66,17 @@ def precision(name: PrecisionName, device: torch.device) -> Precision:
 
 @contextlib.contextmanager
 def network_mode(mode: Mode, device: torch.device) -> Iterator[None]:
-    """Run the network in one format: bf16 autocast, TF32 matmuls and convolutions, or exact float32."""
+    """Run the network in one format: bf16 autocast, TF32 matmuls and convolutions, or exact float32.
+
+    CPUs have no TF32 unit: there TF32 is emulated by rounding every float32 operand of a matmul or
+    convolution to TF32's 10 significand bits (`round_tf32`), with float32 accumulation as on a GPU.
+    """
     if mode == "bf16":
         with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if mode == "tf32" and device.type != "cuda":
+        with _TF32Emulation():
             yield
         return
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -78,6 +85,33 @@ def network_mode(mode: Mode, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def round_tf32(t: Tensor) -> Tensor:
+    """float32 values rounded to the nearest TF32 value (10 significand bits, ties to even); others unchanged."""
+    if t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32).reshape(t.shape)
+
+
+class _TF32Emulation(torch.overrides.TorchFunctionMode):
+    """Rounds the float32 operands of matmuls and convolutions to TF32, as a GPU's tensor cores do."""
+
+    # matched by name: the same op reaches the mode as torch.conv2d, F.conv2d or a Tensor method
+    OPS: ClassVar[frozenset[str]] = frozenset(
+        {"conv1d", "conv2d", "linear", "scaled_dot_product_attention", "matmul", "__matmul__", "mm", "addmm"}
+        | {"bmm", "baddbmm", "einsum"}
+    )
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        """Round tensor arguments of the ops in OPS; run every other op unchanged."""
+        if getattr(func, "__name__", "") in self.OPS:
+            args = tuple(round_tf32(a) if isinstance(a, Tensor) else a for a in args)
+        return func(*args, **(kwargs or {}))
 
 
 def prepare_model(

@@ -89,3 +89,21 @@ def test_a_compiled_network_gives_the_same_answer_with_padded_batches() -> None:
     compiled = itdcli.nll("digits_test", "gaussian", compile=True, **opts)
     for name, e in plain.estimates.items():
         assert compiled.estimates[name].bpd == pytest.approx(e.bpd, abs=1e-9), name
+
+
+def test_tf32_rounding_keeps_ten_significand_bits_with_ties_to_even() -> None:
+    x = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 3 * 2**-11, -(1 + 3 * 2**-11), 3.14159265])
+    assert runtime.round_tf32(x).tolist() == [1.0, 1 + 2**-10, 1.0, 1 + 2**-9, -(1 + 2**-9), 3.140625]
+
+
+def test_emulated_tf32_rounds_the_operands_of_matmuls_and_convolutions_on_cpu() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 48, generator=gen), torch.randn(48, 16, generator=gen)
+    img, kernel = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+    with runtime.network_mode("tf32", torch.device("cpu")):
+        prod, conv = a @ b, torch.nn.functional.conv2d(img, kernel)
+    r = runtime.round_tf32
+    exact_prod = r(a).double() @ r(b).double()
+    exact_conv = torch.nn.functional.conv2d(r(img).double(), r(kernel).double())
+    assert torch.allclose(prod.double(), exact_prod, atol=1e-5) and torch.allclose(conv.double(), exact_conv, atol=1e-5)
+    assert not torch.allclose(prod.double(), a.double() @ b.double(), atol=1e-4)  # float32 operands differ

@@ -208,6 +208,10 @@ def _evaluator(opts: FinetuneOptions, setup: Any, state: Any, log: Callable[[dic
             "limit": opts.eval_limit,
             "seed": opts.seed,
             "device": str(setup.device),
+            # the same points at every evaluation, float32, and the training network's memory format left alone
+            "adapt": False,
+            "precision": "fp32",
+            "channels_last": False,
         }
         result = nll(opts.eval_data, network, save=False, **options)
         setup.denoiser.train()
