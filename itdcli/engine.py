@@ -41,6 +41,7 @@ class Plan:
     rounding: Rounding = "soft"
     want_round: bool = False
     want_deq: bool = False
+    want_main: bool = True  # the forward on x itself (continuous and discrete errors); off for a dequantized-only pass
     stream: int = 0
     draws: int = 1
     antithetic: bool = False
@@ -63,6 +64,11 @@ class Curves:
     weight: Tensor
     errors: dict[str, Tensor] = field(default_factory=dict)
     groups: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def subset(self, names: tuple[str, ...]) -> Curves:
+        """The same points with only the named errors."""
+        errors = {k: v for k, v in self.errors.items() if k in names}
+        return Curves(self.index, self.logsnr, self.weight, errors, self.groups)
 
     def extended(self, more: Curves) -> Curves:
         """These points followed by another round's for the same images; the new round's groups come after."""
@@ -189,15 +195,17 @@ def _values(data: Dataset, codes: Tensor, rows: Tensor) -> Tensor:
 def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianReference, plan: Plan) -> dict[str, Tensor]:
     """The candidate errors of every cell of a group (clamped or raw, rounded, Gaussian, dequantized)."""
     x, g, eps = cells.x, cells.logsnr, cells.eps
-    resid = runner.residual(x, eps, g, cells.modes)
     levels = data.levels
-    out = {"gauss": ref.mmse_pointwise(cells.y, g)}
-    eta = eps.reshape(len(g), -1).to(F64) @ ref.eigvecs
-    out["cv"] = ref.error_draw(cells.y, eta, g) - out["gauss"]  # mean zero: a control variate (spec §5)
-    out["model"] = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
-    if plan.want_round and levels and cells.k is not None:
-        rounder = channel.mse_rounded_soft if plan.rounding == "soft" else channel.mse_rounded_hard
-        out["round"] = rounder(resid, cells.k, g, levels)
+    eta = eps.reshape(len(g), -1).to(F64) @ ref.eigvecs  # the noise in eigen-coordinates, for the control variates
+    out: dict[str, Tensor] = {}
+    if plan.want_main:
+        resid = runner.residual(x, eps, g, cells.modes)
+        out["gauss"] = ref.mmse_pointwise(cells.y, g)
+        out["cv"] = ref.error_draw(cells.y, eta, g) - out["gauss"]  # mean zero: a control variate (spec §5)
+        out["model"] = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
+        if plan.want_round and levels and cells.k is not None:
+            rounder = channel.mse_rounded_soft if plan.rounding == "soft" else channel.mse_rounded_hard
+            out["round"] = rounder(resid, cells.k, g, levels)
     if plan.want_deq and levels and cells.deq is not None:
         half = 1.0 / (levels - 1)
         x_deq = x + 2 * half * (cells.deq - 0.5)
@@ -272,7 +280,7 @@ def _evaluate(
             rows = index[start : start + group]
             cells = _Cells(data, codes, rows, plan, ref)
             errors = _errors_for(runner, cells, data, ref, plan)
-            _check_finite(errors["model"], cells.logsnr_host)
+            _check_finite(errors["model" if "model" in errors else "deq"], cells.logsnr_host)
             restore = cells.restore.to(device)
             for name, err in errors.items():
                 per_point = err[restore].reshape(len(rows), plan.points, plan.noises).mean(2)
@@ -286,8 +294,8 @@ def _evaluate(
 
 
 def evals_per_image(plan: Plan) -> int:
-    """Network forwards per image and round: one per point and noise draw, twice with the dequantized estimator."""
-    return plan.points * plan.noises * (2 if plan.want_deq else 1)
+    """Network forwards per image and round: one per point and noise draw and pass (x itself, dequantized x)."""
+    return plan.points * plan.noises * (int(plan.want_main) + int(plan.want_deq))
 
 
 def default_batch_size(dim: int, device: torch.device | None = None) -> int:

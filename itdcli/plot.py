@@ -25,14 +25,17 @@ class Series:
 
 
 def run_series(label: str, arrays: dict[str, Tensor], dim: int, discrete: bool) -> list[Series]:
-    """Column means over images of each saved error curve of one run."""
-    x = arrays["logsnr"].to(torch.float64).mean(0)
+    """Column means over images of each saved error curve of one run, in logSNR order (rounds interleave)."""
     suffixes = {**CURVE_KINDS, "model": CLAMPED if discrete else ""}
-    return [
-        Series(label + suffixes[kind], x, arrays[f"mse/{kind}"].to(torch.float64).mean(0) / dim)
-        for kind, suffix in CURVE_KINDS.items()
-        if f"mse/{kind}" in arrays
-    ]
+    series = []
+    for kind in CURVE_KINDS:
+        if f"mse/{kind}" not in arrays:
+            continue
+        x = arrays.get("deq/logsnr" if kind == "deq" else "logsnr", arrays["logsnr"]).to(torch.float64).mean(0)
+        order = x.argsort()
+        y = arrays[f"mse/{kind}"].to(torch.float64).mean(0) / dim
+        series.append(Series(label + suffixes[kind], x[order], y[order]))
+    return series
 
 
 def reference_series(eigvals: Tensor, lo: float, hi: float) -> list[Series]:

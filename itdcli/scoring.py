@@ -18,6 +18,8 @@ EDGE_TOLERANCE_BPD = 0.01
 CONTROL = {"continuous": "cv", "discrete": "cv", "dequantized": "cv_deq"}
 EXACT = ("gauss", "gauss_deq")  # candidates whose error is an exact expectation, with no noise to control
 CONTROL_BINS = 16
+SELECT_BINS = 32
+MIN_SELECT_BINS = 16
 
 # Candidate denoisers per estimator, the first being the model's own (used alone under selection "none").
 CANDIDATES = {
@@ -36,6 +38,14 @@ class Scores:
     choice: dict[str, Tensor] = field(default_factory=dict)
     candidates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    def merge(self, other: Scores) -> None:
+        """Add the estimators of another pass (scored on its own points)."""
+        self.estimates.update(other.estimates)
+        self.integrands.update(other.integrands)
+        self.choice.update(other.choice)
+        self.candidates.update(other.candidates)
+        self.warnings += other.warnings
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,9 @@ def _pick(
     names = tuple(n for n in rule.candidates[kind] if n in curves.errors)
     stack = torch.stack([curves.errors[n] for n in names])
     if rule.select_means is None:
-        choice = est.choose(stack, folds, selection)
+        # 16 to 32 bins, finer with more points per image; never as coarse as the columns of a small round
+        bins = _bins(curves, proposal, max(MIN_SELECT_BINS, min(SELECT_BINS, curves.logsnr.shape[1])))
+        choice = est.choose(stack, folds, selection, bins)
     else:
         means = torch.stack([rule.select_means[n] for n in names])
         choice = means.argmin(0).expand(stack.shape[1], -1).clone()
@@ -69,13 +81,13 @@ def _pick(
     if cv is None:
         return err
     noisy = ~torch.isin(choice, torch.tensor([i for i, n in enumerate(names) if n in EXACT], dtype=torch.long))
-    return est.control_variate(err, cv * noisy, curves.weight, _bins(curves, proposal), folds)
+    return est.control_variate(err, cv * noisy, curves.weight, _bins(curves, proposal, CONTROL_BINS), folds)
 
 
-def _bins(curves: Curves, proposal: Proposal) -> Tensor:
-    """Each cell's logSNR bin, by quantiles of the proposal, for the control-variate slopes."""
-    edges = proposal.icdf(torch.linspace(0, 1, CONTROL_BINS + 1, dtype=torch.float64))[1:-1]
-    return torch.bucketize(curves.logsnr, edges)
+def _bins(curves: Curves, proposal: Proposal, count: int) -> Tensor:
+    """Each cell's logSNR bin, by `count` quantiles of the proposal (for the choice and the control variate)."""
+    edges = proposal.icdf(torch.linspace(0, 1, count + 1, dtype=torch.float64))[1:-1]
+    return torch.bucketize(curves.logsnr.contiguous(), edges)
 
 
 def score(

@@ -1,12 +1,14 @@
 """Execution and efficiency features of `itd nll`: precision policy, out-of-memory backoff, rounds to a target."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import itdcli
 from itdcli import runtime
+from itdcli.errors import ItdError
 
 COMMON = {"points": 16, "limit": 40, "seed": 3, "adapt": False, "save": False}
 
@@ -107,3 +109,29 @@ def test_emulated_tf32_rounds_the_operands_of_matmuls_and_convolutions_on_cpu() 
     exact_conv = torch.nn.functional.conv2d(r(img).double(), r(kernel).double())
     assert torch.allclose(prod.double(), exact_prod, atol=1e-5) and torch.allclose(conv.double(), exact_conv, atol=1e-5)
     assert not torch.allclose(prod.double(), a.double() @ b.double(), atol=1e-4)  # float32 operands differ
+
+
+def test_coarse_rounds_are_not_pulled_up_by_the_choice_of_denoiser() -> None:
+    """Four points per image make four wide columns; the choice is per logSNR bin, so the bound stays tight."""
+    opts = {"estimator": "dequantized", "adapt": False, "save": False}
+    fine = itdcli.nll("digits_test", "digits", points=32, seed=1, **opts).estimates["dequantized"]
+    coarse = [itdcli.nll("digits_test", "digits", points=4, seed=s, **opts).estimates["dequantized"] for s in (2, 3)]
+    mean = sum(e.bpd for e in coarse) / len(coarse)
+    se = math.sqrt(fine.stderr_bpd**2 + sum(e.stderr_bpd**2 for e in coarse) / len(coarse) ** 2)  # type: ignore[operator]
+    assert abs(mean - fine.bpd) < 4 * se
+
+
+def test_the_dequantized_pass_stops_on_its_own_and_its_points_are_saved_apart(tmp_path: Path) -> None:
+    run = itdcli.nll(
+        "digits_test", "digits", target_stderr=0.02, limit=120, seed=4, out=tmp_path / "run", control_variate=False
+    )
+    a = run.arrays
+    assert run.deq_points is not None and run.deq_points != run.points
+    assert a["deq/logsnr"].shape == a["mse/deq"].shape == (120, run.deq_points)
+    assert a["logsnr"].shape == a["mse/model"].shape == (120, run.points)
+    assert all(e.stderr_bpd is not None and e.stderr_bpd <= 0.02 for e in run.estimates.values())
+    assert run.evals_per_image == pytest.approx(run.points + run.deq_points + run.pilot_evals_per_image)
+    figure = itdcli.curve([tmp_path / "run"], out=tmp_path / "curve.png")
+    assert Path(figure.path).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ItdError, match="points of its own"):
+        itdcli.ensemble("digits_test", runs=[tmp_path / "run"], limit=120, seed=4, save=False)

@@ -54,6 +54,12 @@ class EnsembleResult(BaseModel):
 def _check_compatible(results: Sequence[NllResult]) -> None:
     """Members must share data, images, points, seed and proposal, i.e. the same logSNR points and noise."""
     first = results[0]
+    for r in results:
+        if "deq/logsnr" in r.arrays:
+            raise ItdError(
+                f"the run of '{r.model}' gave its dequantized estimator points of its own (rounds to a target): "
+                "rerun it with --points N, or let itd ensemble compute it"
+            )
     for r in results[1:]:
         same = (
             r.data.sha256 == first.data.sha256

@@ -35,6 +35,7 @@ FLOAT32_LOGSNR_LIMIT = 30.0
 STANDARD_NORMAL = "standard-normal"
 DEFAULT_TARGET_STDERR = 0.005
 FIRST_ROUND_POINTS = 16
+MIN_ROUND_POINTS = 8
 
 
 class NllOptions(BaseModel):
@@ -238,43 +239,83 @@ class _Run:
         """The estimator kinds this run reports."""
         return {n.removesuffix("_pointwise") for n in self.names}
 
-    def rounds(self, plan: Any) -> tuple[Any, Any, Any]:
-        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap)."""
+    def _passes(self) -> dict[str, list[str]]:
+        """The estimators of each pass: the network on x (continuous, discrete), on dequantized x."""
+        main = [n for n in self.names if n != "dequantized"]
+        passes = {"main": main, "deq": ["dequantized"] if "dequantized" in self.names else []}
+        return {p: names for p, names in passes.items() if names}
+
+    def rounds(self, plan: Any) -> tuple[dict[str, Any], Any]:
+        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap).
+
+        Each pass adds only the points its own estimators still need, so the dequantized pass (a second
+        forward per point) stops as soon as its estimate is precise enough.
+        """
+        passes = self._passes()
+        curves: dict[str, Any] = {}
+        want = dict.fromkeys(passes, plan.points)
+        while want:
+            for name, more in self._round(plan, want).items():
+                curves[name] = more if name not in curves else curves[name].extended(more)
+            self.round_count += 1
+            scores = self._score(curves, plan)
+            want = {p: self._next_round(scores, passes[p], int(curves[p].logsnr.shape[1])) for p in passes}
+            want = {p: k for p, k in want.items() if k > 0}
+        return curves, scores
+
+    def _round(self, plan: Any, want: dict[str, int]) -> dict[str, Any]:
+        """One round: the passes share their points when they want as many, else each draws its own."""
         from dataclasses import replace
 
+        stream = self.round_count
+        if len(set(want.values())) == 1:
+            shared = replace(plan, points=next(iter(want.values())), stream=stream)
+            both, evals = self._evaluate(replace(shared, want_main="main" in want, want_deq="deq" in want), self.index)
+            self.evals += evals
+            return {p: both.subset(PASS_ERRORS[p]) for p in want}
+        out = {}
+        for p, k in want.items():
+            one = replace(plan, points=k, stream=stream, want_main=p == "main", want_deq=p == "deq")
+            out[p], evals = self._evaluate(one, self.index)
+            self.evals += evals
+        return out
+
+    def _score(self, curves: dict[str, Any], plan: Any) -> Any:
+        """Every estimator of every pass, scored on that pass's points."""
         from itdcli import scoring
 
-        curves = None
-        while True:
-            more, evals = self._evaluate(replace(plan, stream=self.round_count), self.index)
-            self.evals += evals
-            self.round_count += 1
-            curves = more if curves is None else curves.extended(more)
-            scores = scoring.score(
-                curves,
-                self.ref,
-                self.dataset.values(self.index),
-                plan.proposal,
-                self.dataset.levels,
-                self.names,
-                self.opts.selection,
-                self.opts.seed,
-                scoring.Rule(control=self.opts.control_variate),
+        passes = self._passes()
+        merged = scoring.Scores()
+        for p, c in curves.items():
+            merged.merge(
+                scoring.score(
+                    c,
+                    self.ref,
+                    self.dataset.values(self.index),
+                    plan.proposal,
+                    self.dataset.levels,
+                    passes[p],
+                    self.opts.selection,
+                    self.opts.seed,
+                    scoring.Rule(control=self.opts.control_variate),
+                )
             )
-            points = self._next_round(scores, int(curves.logsnr.shape[1]))
-            if points == 0:
-                return curves, scores, plan
-            plan = replace(plan, points=points)
+        return merged
 
-    def _next_round(self, scores: Any, done: int) -> int:
-        """Points per image of the next round: enough for the target if the error falls as 1/√points, else 0."""
+    def _next_round(self, scores: Any, names: list[str], done: int) -> int:
+        """Points per image a pass adds next: what 1/√points predicts for the target (at least 8, so that each
+        round stays stratified), or 0 when its estimators meet the target or it has the most points allowed."""
         if self.target is None or done >= self.opts.max_points:
             return 0
-        worst = max(bits_per_dim(scores.estimates[n].stderr, self.dataset.dim) for n in self.names)
+        worst = max(bits_per_dim(scores.estimates[n].stderr, self.dataset.dim) for n in names)
         if not worst > self.target:
             return 0
-        wanted = math.ceil(done * ((worst / self.target) ** 2 - 1) * 1.1)
-        return min(max(4, wanted + wanted % 2), self.opts.max_points - done)
+        wanted = math.ceil(done * ((worst / self.target) ** 2 - 1))
+        return min(max(MIN_ROUND_POINTS, wanted + wanted % 2), self.opts.max_points - done)
+
+
+# The errors each pass records.
+PASS_ERRORS = {"main": ("gauss", "cv", "model", "round"), "deq": ("deq", "gauss_deq", "cv_deq")}
 
 
 def _integrand(errors: dict[str, torch.Tensor], kind: str) -> torch.Tensor | None:
@@ -285,11 +326,17 @@ def _integrand(errors: dict[str, torch.Tensor], kind: str) -> torch.Tensor | Non
     return 0.5 * (errors[base] - errors[model]) if base is not None else 0.5 * errors[model]
 
 
-def _arrays(curves: Any, scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
-    """The per-image and per-cell arrays saved beside result.json."""
-    arrays = {"index": curves.index, "logsnr": curves.logsnr, "weight": curves.weight, "eigvals": ref.eigvals}
-    arrays["groups"] = curves.groups
-    arrays.update({f"mse/{k}": v.to(torch.float32) for k, v in curves.errors.items()})
+def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
+    """The per-image and per-cell arrays saved beside result.json; a dequantized pass on its own points
+    keeps them under deq/."""
+    main = curves["main"] if "main" in curves else curves["deq"]
+    arrays = {"index": main.index, "logsnr": main.logsnr, "weight": main.weight, "eigvals": ref.eigvals}
+    arrays["groups"] = main.groups
+    deq = curves.get("deq")
+    if deq is not None and deq is not main and not torch.equal(deq.logsnr, main.logsnr):
+        arrays.update({"deq/logsnr": deq.logsnr, "deq/weight": deq.weight, "deq/groups": deq.groups})
+    for c in curves.values():
+        arrays.update({f"mse/{k}": v.to(torch.float32) for k, v in c.errors.items()})
     arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
@@ -350,8 +397,9 @@ def nll(
     start = time.perf_counter()
     if opts.adapt:
         plan = run.adapt(plan)
-    curves, scores, plan = run.rounds(plan)
+    curves, scores = run.rounds(plan)
     seconds = time.perf_counter() - start
+    main = curves["main"] if "main" in curves else curves["deq"]
     proposal = plan.proposal
     result = NllResult(
         itd_version=__version__,
@@ -377,7 +425,8 @@ def nll(
             edges=list(proposal.edges),
             mass=list(proposal.mass),
         ),
-        points=int(curves.logsnr.shape[1]),
+        points=int(main.logsnr.shape[1]),
+        deq_points=int(curves["deq"].logsnr.shape[1]) if "deq" in curves else None,
         seed=opts.seed,
         batch_size=plan.batch_size,
         selection=opts.selection,

@@ -72,6 +72,7 @@ class NllResult(BaseModel):
     reference: ReferenceInfo
     proposal: ProposalInfo
     points: int
+    deq_points: int | None = None
     seed: int
     batch_size: int
     selection: str

@@ -55,23 +55,33 @@ def crossfit_folds(n: int, folds: int, generator: torch.Generator) -> Tensor:
     return torch.randperm(n, generator=generator) % folds
 
 
-def choose(errors: Tensor, folds: Tensor, selection: Selection) -> Tensor:
-    """Per image and column, the candidate (axis 0 of `errors`, (K, N, J)) with the lowest mean error.
+def choose(errors: Tensor, folds: Tensor, selection: Selection, bins: Tensor) -> Tensor:
+    """Per cell, the candidate (axis 0 of `errors`, (K, N, J)) with the lowest mean error in the cell's logSNR bin.
 
-    `crossfit`: means over the images of the other folds (held out); `same`: over all images
-    (the paper's rule, optimistically biased); `none`: always candidate 0.
+    `bins` (N, J) assigns cells to logSNR bins, so that rounds of any size share one choice per bin.
+    `crossfit`: means over the images of the other folds (held out); `same`: over all images (the paper's
+    rule, optimistically biased); `none`: always candidate 0. A bin without cells keeps candidate 0.
     """
     k, n, j = errors.shape
-    choice = torch.zeros(n, j, dtype=torch.long)
     if selection == "none" or k == 1:
-        return choice
+        return torch.zeros(n, j, dtype=torch.long)
     if selection == "same":
-        return errors.mean(1).argmin(0).expand(n, j).clone()
+        return _best_per_bin(errors, bins, torch.ones(n, dtype=torch.bool))[bins]
+    choice = torch.zeros(n, j, dtype=torch.long)
     for fold in range(int(folds.max()) + 1):
-        held_out = folds != fold
-        if held_out.any():
-            choice[folds == fold] = errors[:, held_out].mean(1).argmin(0)
+        rows = folds == fold
+        choice[rows] = _best_per_bin(errors, bins, ~rows)[bins[rows]]
     return choice
+
+
+def _best_per_bin(errors: Tensor, bins: Tensor, rows: Tensor) -> Tensor:
+    """Per bin, the candidate with the lowest mean error over the cells of the images `rows` (0 where none)."""
+    k, nbins = errors.shape[0], int(bins.max()) + 1
+    b = bins[rows].reshape(-1)
+    sums = torch.zeros(k, nbins, dtype=F64).index_add_(1, b, errors[:, rows].reshape(k, -1).to(F64))
+    count = torch.bincount(b, minlength=nbins)
+    means = torch.where(count > 0, sums / count.clamp_min(1), 0.0)
+    return means.argmin(0)
 
 
 def chosen(errors: Tensor, choice: Tensor) -> Tensor:

@@ -16,10 +16,11 @@ def test_crossfit_choice_uses_only_the_other_fold() -> None:
     gen = torch.Generator().manual_seed(0)
     errors = torch.rand(3, 40, 6, generator=gen, dtype=F64)
     folds = est.crossfit_folds(40, 2, gen)
-    before = est.choose(errors, folds, "crossfit")
+    columns = torch.arange(6).expand(40, 6)  # one bin per point column
+    before = est.choose(errors, folds, "crossfit", columns)
     changed = errors.clone()
     changed[:, folds == 0] = torch.rand(3, int((folds == 0).sum()), 6, generator=gen, dtype=F64) * 10
-    after = est.choose(changed, folds, "crossfit")
+    after = est.choose(changed, folds, "crossfit", columns)
     assert torch.equal(before[folds == 0], after[folds == 0])
     held_out = errors[:, folds == 1].mean(1).argmin(0)
     assert torch.equal(before[folds == 0][0], held_out)
@@ -28,9 +29,21 @@ def test_crossfit_choice_uses_only_the_other_fold() -> None:
 def test_same_and_none_selections() -> None:
     errors = torch.tensor([[[1.0, 5.0]], [[2.0, 1.0]]], dtype=F64).expand(2, 4, 2)
     folds = torch.tensor([0, 1, 0, 1])
-    assert est.choose(errors, folds, "same").tolist() == [[0, 1]] * 4
-    assert est.choose(errors, folds, "none").tolist() == [[0, 0]] * 4
-    assert est.chosen(errors, est.choose(errors, folds, "same")).tolist() == [[1.0, 1.0]] * 4
+    columns = torch.tensor([0, 1]).expand(4, 2)
+    assert est.choose(errors, folds, "same", columns).tolist() == [[0, 1]] * 4
+    assert est.choose(errors, folds, "none", columns).tolist() == [[0, 0]] * 4
+    assert est.chosen(errors, est.choose(errors, folds, "same", columns)).tolist() == [[1.0, 1.0]] * 4
+    # one bin for both columns: the candidate with the lower mean over both (3 against 1.5) everywhere
+    assert est.choose(errors, folds, "same", torch.zeros(4, 2, dtype=torch.long)).tolist() == [[1, 1]] * 4
+
+
+def test_the_choice_is_per_logsnr_bin_whatever_the_column() -> None:
+    """Cells of two rounds (columns 0–1 and 2–5) in the same bin get the same choice."""
+    gen = torch.Generator().manual_seed(2)
+    errors = torch.rand(2, 30, 6, generator=gen, dtype=F64)
+    bins = torch.tensor([0, 1, 0, 0, 1, 1]).expand(30, 6)
+    choice = est.choose(errors, torch.zeros(30, dtype=torch.long), "same", bins)
+    assert bool((choice[:, [0, 2, 3]] == choice[0, 0]).all()) and bool((choice[:, [1, 4, 5]] == choice[0, 1]).all())
 
 
 def test_standard_errors_monte_carlo_and_sampling() -> None:
