@@ -303,8 +303,10 @@ class _Run:
         return merged
 
     def _next_round(self, scores: Any, names: list[str], done: int) -> int:
-        """Points per image a pass adds next: what 1/√points predicts for the target (at least 8, so that each
-        round stays stratified), or 0 when its estimators meet the target or it has the most points allowed."""
+        """Points per image a pass adds next, as 1/√points predicts for the target; 0 once met or capped.
+
+        A round has at least MIN_ROUND_POINTS points, so that it stays stratified.
+        """
         if self.target is None or done >= self.opts.max_points:
             return 0
         worst = max(bits_per_dim(scores.estimates[n].stderr, self.dataset.dim) for n in names)
@@ -327,8 +329,7 @@ def _integrand(errors: dict[str, torch.Tensor], kind: str) -> torch.Tensor | Non
 
 
 def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
-    """The per-image and per-cell arrays saved beside result.json; a dequantized pass on its own points
-    keeps them under deq/."""
+    """The per-image and per-cell arrays saved beside result.json (a separate dequantized pass under deq/)."""
     main = curves["main"] if "main" in curves else curves["deq"]
     arrays = {"index": main.index, "logsnr": main.logsnr, "weight": main.weight, "eigvals": ref.eigvals}
     arrays["groups"] = main.groups
@@ -340,6 +341,7 @@ def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: in
     arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
+        arrays[f"se/{name}"] = e.mc_var.clamp_min(0).sqrt() / (dim * math.log(2))  # per-image Monte Carlo error
     return arrays
 
 
