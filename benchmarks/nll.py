@@ -55,7 +55,7 @@ def main() -> None:
     naive = naive_points_per_second(model, x, 17, args.points)
     common = {"points": args.points, "limit": args.limit, "save": False, "adapt": False}
     rows = [("naive (fp32, one logSNR at a time, 3 forwards)", naive, 3.0)]
-    variants = {"itd nll (all estimators)": {}, "itd nll --no-channels-last": {"channels_last": False}}
+    variants = {"itd nll (all estimators)": {}, "itd nll, channels-last": {"channels_last": True}}
     if args.compile:
         itdcli.nll("digits_test", "digits", compile=True, **common)  # compile (its one batch shape) outside the clock
         variants["itd nll --compile (compiling included)"] = {"compile": True}

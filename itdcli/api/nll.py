@@ -55,7 +55,7 @@ class NllOptions(BaseModel):
     antithetic: bool = False
     control_variate: bool = True
     precision: runtime.PrecisionName = "auto"
-    channels_last: bool = True
+    channels_last: bool | None = None
     compile: bool = False
     seed: int = Field(0, ge=0)
     batch_size: PositiveInt | None = None
@@ -389,12 +389,12 @@ def nll(
         draws=opts.draws,
         antithetic=opts.antithetic,
         precision=runtime.precision(opts.precision, device),
-        channels_last=opts.channels_last,
+        channels_last=runtime.channels_last(opts.channels_last, device),
         fixed_shape=opts.compile,
     )
     runtime.init_distributed(device)
     runtime.barrier()  # every rank has checked its inputs and --out before rank 0 can write
-    net = runtime.prepare_model(denoiser, device, opts.channels_last, opts.compile)
+    net = runtime.prepare_model(denoiser, device, plan.channels_last, opts.compile)
     run = _Run(net, dataset, ref, device, index, names, opts, progress)
     start = time.perf_counter()
     if opts.adapt:
