@@ -81,3 +81,17 @@ def test_help_does_not_import_torch() -> None:
     assert proc.stdout.strip() == "False"
     helptext = subprocess.run([sys.executable, "-m", "itdcli", "--help"], capture_output=True, text=True, check=True)
     assert "nll" in helptext.stdout and "curve" in helptext.stdout
+
+
+def test_performance_options_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """--target-stderr, --no-adapt, --no-control-variate, --precision, --draws from the command line."""
+    args = ["nll", "digits_test", "--model", "gaussian", "--limit", "60", "--json", "--no-adapt"]
+    code, out, _ = run([*args, "--target-stderr", "0.05", "--no-control-variate", "--precision", "fp32"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["target_stderr_bpd"] == 0.05 and result["proposal"]["kind"] == "logistic"
+    assert all(e["stderr_bpd"] <= 0.05 for e in result["estimates"].values())
+    assert result["precision"].startswith("float32")
+    code, out, _ = run([*args, "--points", "8", "--draws", "2"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["draws"] == 2 and result["target_stderr_bpd"] is None
+    assert result["evals_per_image"] == 8 * 2 * 2  # points × draws × (x and dequantized x)
