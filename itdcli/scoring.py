@@ -65,9 +65,21 @@ class Rule:
 def _pick(
     curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores, rule: Rule, proposal: Proposal
 ) -> Tensor:
-    """The per-cell error of the denoiser chosen per point column among the kind's candidates."""
+    """The per-cell error of the denoiser chosen per logSNR bin among the kind's candidates.
+
+    With the control variate, each noisy candidate's errors are corrected first (its own slope per bin), so
+    the choice compares the quieter corrected means.
+    """
     names = tuple(n for n in rule.candidates[kind] if n in curves.errors)
     stack = torch.stack([curves.errors[n] for n in names])
+    cv = curves.errors.get(CONTROL[kind]) if rule.control else None
+    if cv is not None:
+        bins = _bins(curves, proposal, CONTROL_BINS)
+        fitted = [
+            e if n in EXACT else est.control_variate(e, cv, curves.weight, bins, folds)
+            for n, e in zip(names, stack, strict=True)
+        ]
+        stack = torch.stack(fitted)
     if rule.select_means is None:
         # 16 to 32 bins, finer with more points per image; never as coarse as the columns of a small round
         bins = _bins(curves, proposal, max(MIN_SELECT_BINS, min(SELECT_BINS, curves.logsnr.shape[1])))
@@ -76,12 +88,7 @@ def _pick(
         means = torch.stack([rule.select_means[n] for n in names])
         choice = means.argmin(0).expand(stack.shape[1], -1).clone()
     out.choice[kind], out.candidates[kind] = choice, names
-    err = est.chosen(stack, choice)
-    cv = curves.errors.get(CONTROL[kind]) if rule.control else None
-    if cv is None:
-        return err
-    noisy = ~torch.isin(choice, torch.tensor([i for i, n in enumerate(names) if n in EXACT], dtype=torch.long))
-    return est.control_variate(err, cv * noisy, curves.weight, _bins(curves, proposal, CONTROL_BINS), folds)
+    return est.chosen(stack, choice)
 
 
 def _bins(curves: Curves, proposal: Proposal, count: int) -> Tensor:

@@ -137,14 +137,11 @@ def test_the_dequantized_pass_stops_on_its_own_and_its_points_are_saved_apart(tm
         itdcli.ensemble("digits_test", runs=[tmp_path / "run"], limit=120, seed=4, save=False)
 
 
-def test_per_image_standard_errors_are_honest_against_the_spread_between_two_seeds() -> None:
-    """se/NAME against E[(b₁ − b₂)²] = E[se₁² + se₂²]: never too small, at most √(1/0.3) ≈ 1.8× too large.
-
-    Collapsed strata count the integrand's trend between paired strata as noise, hence conservative.
-    """
+def test_per_image_standard_errors_match_the_spread_between_two_seeds() -> None:
+    """se/NAME against E[(b₁ − b₂)²] = E[se₁² + se₂²] over images: calibrated, two points per stratum."""
     runs = [itdcli.nll("digits_test", "gaussian", points=8, seed=s, control_variate=False, save=False) for s in (7, 8)]
     for name in ("continuous_pointwise", "discrete", "dequantized"):
         a, b = (r.arrays[f"bpd/{name}"] for r in runs)
         sa, sb = (r.arrays[f"se/{name}"] for r in runs)
         ratio = float(((a - b) ** 2).mean() / (sa**2 + sb**2).mean())
-        assert 0.3 < ratio < 1.3, (name, ratio)
+        assert 0.75 < ratio < 1.3, (name, ratio)

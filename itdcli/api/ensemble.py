@@ -201,7 +201,15 @@ def ensemble(
     values = dataset.values(scored.index)
     names = list(first.estimates)
     scores = score(
-        scored, ref, values, proposal, dataset.levels, names, "crossfit", first.seed, Rule(candidates, means)
+        scored,
+        ref,
+        values,
+        proposal,
+        dataset.levels,
+        names,
+        "crossfit",
+        first.seed,
+        Rule(candidates, means, control=options.get("control_variate", True)),
     )
     dim = dataset.dim
     result = EnsembleResult(

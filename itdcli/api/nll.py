@@ -446,7 +446,8 @@ def nll(
         draws=opts.draws,
         antithetic=opts.antithetic,
         stderr_method=(
-            f"Monte Carlo: collapsed {opts.scheme} strata within each image, √(Σ var)/N over images; "
+            f"Monte Carlo: spread of each image's {opts.scheme} points within their strata (two points per stratum) "
+            "or rounds (iid), √(Σ var)/N over images; "
             "sampling_stderr_bpd: std/√N over per-image values"
         ),
         warnings=scores.warnings + _run_warnings(reference, dataset, proposal, denoiser),

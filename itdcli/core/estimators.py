@@ -92,8 +92,8 @@ def chosen(errors: Tensor, choice: Tensor) -> Tensor:
 def integral(weight: Tensor, values: Tensor, groups: Tensor) -> Estimate:
     """Importance-sampled ∫ f dγ per image, (1/J) Σ_j w_nj f_nj (spec §6.2), with its Monte Carlo variance.
 
-    Columns in one group of `groups` (J,) are treated as exchangeable draws: var = Σ_g n_g/(n_g−1) Σ_{j∈g}
-    (y_j − ȳ_g)² / J² (collapsed strata; exact for i.i.d. points, conservative for stratified ones).
+    Columns in one group of `groups` (J,) are exchangeable draws: var = Σ_g n_g/(n_g−1) Σ_{j∈g} (y_j − ȳ_g)² / J²,
+    unbiased for i.i.d. points and for stratified points drawn two to a stratum (`cdf_points`).
     """
     y = weight.to(F64) * values.to(F64)
     j = y.shape[1]

@@ -109,11 +109,20 @@ def logistic_from_spectrum(
 
 
 def cdf_points(points: int, scheme: PointScheme, generator: torch.Generator) -> Tensor:
-    """Points in CDF space for one image: i.i.d. U(0,1) sorted, or one uniform draw in each of `points` strata."""
+    """Points in CDF space for one image: i.i.d. U(0,1) sorted, or stratified two to a stratum.
+
+    Stratified: points 2i and 2i+1 are independent uniform draws in [2i/J, (2i+2)/J); an odd last point has
+    [(J−1)/J, 1) to itself. Every point stands for 1/J of the mass, and two independent points per stratum
+    make the within-stratum variance, hence the Monte Carlo error, estimable without bias.
+    """
     u = torch.rand(points, generator=generator, dtype=F64)
     if scheme == "iid":
         return u.sort().values
-    return (torch.arange(points, dtype=F64) + u) / points
+    base = (torch.arange(points) // 2 * 2).to(F64) / points
+    width = torch.full((points,), 2.0 / points, dtype=F64)
+    if points % 2:
+        width[-1] = 1.0 / points
+    return base + u * width
 
 
 def fit_adaptive(
@@ -146,10 +155,10 @@ def fit_adaptive(
 
 
 def stratum_groups(points: int, scheme: PointScheme) -> Tensor:
-    """Groups of one round's point columns for the variance estimate (collapsed strata, Cochran 1977 §5A.12).
+    """Variance groups of one round's point columns: the strata of two points (Cochran 1977, §5.5), or one group.
 
-    Stratified points pair adjacent strata (an odd last stratum joins the pair before); i.i.d. points form
-    one group.
+    An odd last stratified point, alone in its stratum, joins the pair before (collapsed strata, conservative
+    for that group only); i.i.d. points form one group.
     """
     if scheme == "iid" or points < 2:
         return torch.zeros(points, dtype=torch.long)

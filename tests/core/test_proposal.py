@@ -94,8 +94,11 @@ def test_importance_weights_integrate_known_functions_over_the_range(p: Proposal
 def test_point_schemes() -> None:
     gen = torch.Generator().manual_seed(1)
     strat = cdf_points(50, "stratified", gen)
-    j = torch.arange(50, dtype=F64)
-    assert bool(((strat >= j / 50) & (strat < (j + 1) / 50)).all())
+    pair = (torch.arange(50) // 2).to(F64)
+    assert bool(((strat >= pair / 25) & (strat < (pair + 1) / 25)).all())  # two points in each of 25 strata
+    odd = cdf_points(5, "stratified", gen)
+    assert bool((odd[:4] < 0.8).all()) and float(odd[4]) >= 0.8  # the odd last point has the last fifth
+    assert bool(((odd[:4] >= torch.tensor([0, 0, 0.4, 0.4])) & (odd[:4] < torch.tensor([0.4, 0.4, 0.8, 0.8]))).all())
     iid = cdf_points(50, "iid", gen)
     assert bool((iid.diff() >= 0).all()) and float(iid.min()) >= 0 and float(iid.max()) < 1
 
