@@ -129,7 +129,7 @@ def prepare_model(
 
 
 def channels_last(wanted: bool | None, device: torch.device) -> bool:
-    """Channels-last memory as asked, else on CUDA only (on CPU it measured no faster in benchmarks/nll.py)."""
+    """Channels-last memory as asked, else on CUDA only (no consistent gain on CPU, benchmarks/nll.py)."""
     return device.type == "cuda" if wanted is None else wanted
 
 
