@@ -119,21 +119,28 @@ def _restrict(curves: Any, rows: torch.Tensor) -> Any:
 
 
 def _winners(curves: Any, candidates: dict[str, tuple[str, ...]], proposal: Any, means: Any) -> dict[str, Any]:
-    """Per estimator, the member with the lowest selection mean on each run of point columns, as logSNR intervals."""
+    """Per estimator, the member with the lowest selection mean on each run of strata, as logSNR intervals."""
+    from itdcli.core.proposal import stratum_groups
+
     points = curves.logsnr.shape[1]
-    edges = proposal.icdf(torch.linspace(0, 1, points + 1, dtype=torch.float64)).tolist()
+    strata = stratum_groups(points, "stratified")  # columns 2i, 2i+1 share the CDF slice [2i/J, (2i+2)/J)
+    count = int(strata.max()) + 1
+    cuts = [2 * g / points for g in range(count)] + [1.0]
+    edges = proposal.icdf(torch.tensor(cuts, dtype=torch.float64)).tolist()
     table: dict[str, list[Interval]] = {}
     for kind, names in candidates.items():
         if not all(n in curves.errors for n in names):
             continue
-        col = torch.stack([means[n] if means is not None else curves.errors[n].mean(0) for n in names]).argmin(0)
-        member = [REFERENCE if names[int(k)] in GAUSS.values() else names[int(k)].split("/")[0] for k in col]
+        col = torch.stack([means[n] if means is not None else curves.errors[n].mean(0) for n in names])
+        per_stratum = torch.zeros(len(names), count, dtype=torch.float64).index_add_(1, strata, col.double())
+        best = per_stratum.argmin(0)
+        member = [REFERENCE if names[int(k)] in GAUSS.values() else names[int(k)].split("/")[0] for k in best]
         spans: list[Interval] = []
-        for j, who in enumerate(member):
+        for g, who in enumerate(member):
             if spans and spans[-1].member == who:
-                spans[-1].logsnr_to = edges[j + 1]
+                spans[-1].logsnr_to = edges[g + 1]
             else:
-                spans.append(Interval(logsnr_from=edges[j], logsnr_to=edges[j + 1], member=who))
+                spans.append(Interval(logsnr_from=edges[g], logsnr_to=edges[g + 1], member=who))
         table[kind] = spans
     return table
 
