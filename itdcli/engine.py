@@ -21,6 +21,7 @@ from itdcli.core import channel
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import PointScheme, Proposal, cdf_points, stratum_groups
 from itdcli.data import Dataset
+from itdcli.data.dataset import level_values
 from itdcli.errors import ItdError
 from itdcli.models.base import Denoiser
 
@@ -176,20 +177,14 @@ class _Cells:
         order = self.order.to(device)
         per_image = len(g) // len(rows)
         local = torch.arange(len(rows), device=device).repeat_interleave(per_image)[order]
-        values = _values(data, codes, rows.to(device))
+        stored = codes[rows.to(device)]
+        values = level_values(stored, data.levels)
         self.x = values[local]
         self.y = ref.whiten(values)[local]  # once per image, not once per cell
-        self.k = codes[rows.to(device)][local] if data.levels else None
+        self.k = stored[local] if data.levels else None
         self.logsnr = self.logsnr_host.to(device)
         self.eps = torch.cat(eps).reshape(-1, *data.shape)[self.order].to(device)
         self.deq = torch.cat(deq).reshape(-1, *data.shape)[self.order].to(device) if deq else None
-
-
-def _values(data: Dataset, codes: Tensor, rows: Tensor) -> Tensor:
-    """Model-scale values of the images `rows` from the data kept on the device (uint8 levels or float32)."""
-    if data.levels is None:
-        return codes[rows]
-    return codes[rows].to(torch.float32) * (2.0 / (data.levels - 1)) - 1.0
 
 
 def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianReference, plan: Plan) -> dict[str, Tensor]:

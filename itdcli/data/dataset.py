@@ -24,6 +24,13 @@ def content_hash(x: torch.Tensor, levels: int | None) -> str:
     return digest.hexdigest()
 
 
+def level_values(x: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """Float32 values on the [-1, 1] model scale of stored samples: grid levels k ↦ 2k/(L−1) − 1, floats as they are."""
+    if levels is None:
+        return x
+    return (x.to(torch.float64) * 2.0 / (levels - 1) - 1.0).to(torch.float32)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Images as grid-level indices (discrete, `levels` set) or float32 model-scale values (continuous)."""
@@ -93,10 +100,7 @@ class Dataset:
 
     def values(self, index: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Float32 samples on the [-1, 1] model scale (continuous data may share memory with x)."""
-        x = self.x if index is None else self.x[index]
-        if self.levels is None:
-            return x
-        return (x.to(torch.float64) * 2.0 / (self.levels - 1) - 1.0).to(torch.float32)
+        return level_values(self.x if index is None else self.x[index], self.levels)
 
     def subset(self, n: int) -> Dataset:
         """The first n samples as a new Dataset (same name and train split, new sha256)."""
