@@ -270,7 +270,7 @@ def _evaluate(
     group = max(1, plan.batch_size // (plan.points * plan.noises))
     chunks: dict[str, list[Tensor]] = {}
     logsnr = []
-    with torch.inference_mode(), runtime.network_mode("fp32", device):
+    with torch.inference_mode():  # each forward sets its own format (runtime.network_mode)
         for start in range(0, len(index), group):
             rows = index[start : start + group]
             cells = _Cells(data, codes, rows, plan, ref)

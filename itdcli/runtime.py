@@ -162,19 +162,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-@contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """Evaluate networks in true float32: TF32 off for matmul and cuDNN, no autograd (spec §11.1)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for image `index` of a run seeded with `seed`: the same draws on any device or batch size.
 
