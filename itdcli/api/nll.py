@@ -199,6 +199,7 @@ class _Run:
         """Hold the inputs; the target is the option, or the default when no fixed --points is given."""
         self.net, self.dataset, self.ref, self.device, self.index = net, dataset, ref, device, index
         self.names, self.opts, self.progress = names, opts, progress
+        self.values = dataset.values(index)  # the scored images on the model scale, for every round's scoring
         self.target = opts.target_stderr or (None if opts.points else DEFAULT_TARGET_STDERR)
         self.evals = self.pilot_evals = 0.0
         self.round_count = 0
@@ -291,7 +292,7 @@ class _Run:
                 scoring.score(
                     c,
                     self.ref,
-                    self.dataset.values(self.index),
+                    self.values,
                     plan.proposal,
                     self.dataset.levels,
                     passes[p],
