@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from itdcli import runtime
-from itdcli.models.diffusers_unet import DiffusersDenoiser
+from itdcli.models.diffusers_unet import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, DiffusersDenoiser
 from itdcli.models.iddpm import IDDPMConfig, IDDPMDenoiser, IDDPMUNet
 
 FULL_WIDTH, CPU_WIDTH = 128, 32
@@ -40,7 +40,6 @@ TARGET = {"fp32": 0.50, "tf32": 0.30, "bf16": 0.35}
 H200_BF16_TFLOPS = 790.0
 H200_BF16_RATE = {"ddpm": 23_000, "iddpm": 16_500}
 LOGSNR = (-6.8, 12.8)
-DDPM_SCHEDULER = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000}
 DEFAULTS = {
     "cuda": {"batch": 512, "reps": 20, "warmup": 3, "matrix": 8192, "compile": True, "width": FULL_WIDTH},
     "cpu": {"batch": 4, "reps": 2, "warmup": 0, "matrix": 1024, "compile": False, "width": CPU_WIDTH},
@@ -65,25 +64,7 @@ def number_format(mode: str) -> str:
 
 def ddpm_config(width: int) -> dict[str, Any]:
     """The UNet2DModel config of google/ddpm-cifar10-32 at base width `width` (128 in the released model)."""
-    return {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 2,
-        "block_out_channels": [width, 2 * width, 2 * width, 2 * width],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-        "attention_head_dim": None,
-        "act_fn": "silu",
-        "center_input_sample": False,
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-6,
-        "norm_num_groups": 32,
-        "time_embedding_type": "positional",
-    }
+    return {**DDPM_CIFAR10_UNET, "block_out_channels": [width, 2 * width, 2 * width, 2 * width]}
 
 
 def build_ddpm(width: int) -> nn.Module:
@@ -91,7 +72,7 @@ def build_ddpm(width: int) -> nn.Module:
     from diffusers import DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel(**ddpm_config(width))
-    return DiffusersDenoiser(unet, DDPMScheduler(**DDPM_SCHEDULER).alphas_cumprod)
+    return DiffusersDenoiser(unet, DDPMScheduler(**DDPM_CIFAR10_SCHEDULER).alphas_cumprod)
 
 
 def build_iddpm(width: int) -> nn.Module:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from itdcli.models.diffusers_unet import DDPM_CIFAR10_SCHEDULER
+
 CIFAR_FILES = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
 DDPM_SMALL = {
     "sample_size": 32,
@@ -24,14 +26,7 @@ DDPM_SMALL = {
     "downsample_padding": 0,
     "norm_eps": 1e-6,
 }
-DDPM_SCHEDULER = {
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": True,
-    "variance_type": "fixed_large",
-}
+DDPM_SCHEDULER = DDPM_CIFAR10_SCHEDULER
 
 
 def write_cifar(folder: Path, n: int = 20, seed: int = 0) -> None:

@@ -25,6 +25,35 @@ BIN_NAME = "diffusion_pytorch_model.bin"
 SCHEDULER_NAME = "scheduler_config.json"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# google/ddpm-cifar10-32 (spec models.md §3.1): its UNet2DModel config (35,746,307 parameters) and scheduler.
+DDPM_CIFAR10_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 256, 256, 256],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": None,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}
+DDPM_CIFAR10_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": True,
+    "variance_type": "fixed_large",
+}
+
 REF_STEPS = 10_000
 REF_BETA = (1e-5, 2e-3)
 REF_STEP_SIZE = 0.1
