@@ -174,14 +174,6 @@ def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
     )
 
 
-# The integrand of each estimator per cell, from the candidate errors (nats per unit logSNR).
-INTEGRANDS = {
-    "continuous": ("gauss", "model"),
-    "discrete": (None, "round"),
-    "dequantized": ("gauss_deq", "deq"),
-}
-
-
 class _Run:
     """The evaluation of one `itd nll`: an optional pilot that adapts the proposal, then rounds of points."""
 
@@ -225,20 +217,27 @@ class _Run:
         """A pilot on a seeded subset of the data fits the proposal to this model's integrands (its forwards count)."""
         from dataclasses import replace
 
-        from itdcli import engine
+        from itdcli import engine, scoring
 
         # pilot images are drawn from the whole dataset, so the proposal does not depend on --limit
         rows = _subset(len(self.dataset), self.opts.pilot_images, self.opts.seed + 3)
         pilot = replace(plan, points=self.opts.pilot_points, stream=engine.PILOT_STREAM)
         curves, evals = self._evaluate(pilot, rows)
         self.pilot_evals = self.evals = float(evals)
-        integrands = [_integrand(curves.errors, kind) for kind in INTEGRANDS if kind in self._kinds()]
-        fitted = fit_adaptive(plan.proposal, curves.logsnr, [f for f in integrands if f is not None])
+        # each estimator's integrand with the model's own denoiser (selection "none"), no control variate
+        raw = scoring.score(
+            curves,
+            self.ref,
+            self.dataset.values(rows),
+            plan.proposal,
+            self.dataset.levels,
+            self.names,
+            "none",
+            self.opts.seed,
+            scoring.Rule(control=False),
+        )
+        fitted = fit_adaptive(plan.proposal, curves.logsnr, list(raw.integrands.values()))
         return replace(plan, proposal=fitted)
-
-    def _kinds(self) -> set[str]:
-        """The estimator kinds this run reports."""
-        return {n.removesuffix("_pointwise") for n in self.names}
 
     def _passes(self) -> dict[str, list[str]]:
         """The estimators of each pass: the network on x (continuous, discrete), on dequantized x."""
@@ -319,14 +318,6 @@ class _Run:
 
 # The errors each pass records.
 PASS_ERRORS = {"main": ("gauss", "cv", "model", "round"), "deq": ("deq", "gauss_deq", "cv_deq")}
-
-
-def _integrand(errors: dict[str, torch.Tensor], kind: str) -> torch.Tensor | None:
-    """½(reference error − model error) for the continuous kinds, ½ model error for the discrete one."""
-    base, model = INTEGRANDS[kind]
-    if model not in errors:
-        return None
-    return 0.5 * (errors[base] - errors[model]) if base is not None else 0.5 * errors[model]
 
 
 def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
