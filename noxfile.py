@@ -39,6 +39,7 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: each prints a table and writes JSON under benchmarks/out/."""
     session.install("-e", ".")
+    session.run("python", "benchmarks/batch.py")
     session.run("python", "benchmarks/nll.py")
     session.run("python", "benchmarks/selection_bias.py")
     session.run("python", "benchmarks/throughput.py")
