@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from itdcli import runtime
-from itdcli.core import channel
+from itdcli.core import channel, controls
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import PointScheme, Proposal, cdf_points, stratum_groups
 from itdcli.data import Dataset
@@ -192,7 +192,7 @@ def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianRefe
     x, g, eps = cells.x, cells.logsnr, cells.eps
     levels = data.levels
     eta = eps.reshape(len(g), -1).to(F64) @ ref.eigvecs  # the noise in eigen-coordinates, for the control variates
-    out: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = dict(zip(controls.NAMES, _moments(cells, levels).T, strict=True))
     if plan.want_main:
         resid = runner.residual(x, eps, g, cells.modes)
         out["gauss"] = ref.mmse_pointwise(cells.y, g)
@@ -210,6 +210,14 @@ def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianRefe
         out["gauss_deq"] = ref.mmse_pointwise(y_deq, g)
         out["cv_deq"] = ref.error_draw(y_deq, eta, g) - out["gauss_deq"]
     return out
+
+
+def _moments(cells: _Cells, levels: int | None) -> Tensor:
+    """The noise draw's mean-zero moments per class of pixel (at the bounds of [−1, 1], inside), (cells, 12)."""
+    if cells.k is None or levels is None:
+        none = torch.zeros_like(cells.eps, dtype=torch.bool)
+        return controls.noise_moments(cells.eps, none, none)
+    return controls.noise_moments(cells.eps, cells.k == 0, cells.k == levels - 1)
 
 
 def _sharded(index: Tensor) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from itdcli.core import controls
 from itdcli.core import estimators as est
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import Proposal
@@ -20,6 +21,8 @@ EXACT = ("gauss", "gauss_deq")  # candidates whose error is an exact expectation
 CONTROL_BINS = 16
 SELECT_BINS = 32
 MIN_SELECT_BINS = 16
+CURVE_KNOTS = 24  # intervals of the crossfit mean curve subtracted from each integrand
+CURVE_CELLS = 50  # training cells per interval at least
 
 # Candidate denoisers per estimator, the first being the model's own (used alone under selection "none").
 CANDIDATES = {
@@ -64,31 +67,75 @@ class Rule:
 
 def _pick(
     curves: Curves, kind: str, folds: Tensor, selection: est.Selection, out: Scores, rule: Rule, proposal: Proposal
-) -> Tensor:
-    """The per-cell error of the denoiser chosen per logSNR bin among the kind's candidates.
+) -> tuple[Tensor, Tensor | None]:
+    """The per-cell error of the denoiser chosen per logSNR bin among the kind's candidates, with crossfit fits.
 
-    With the control variate, each noisy candidate's errors are corrected first (its own slope per bin), so
-    the choice compares the quieter corrected means.
+    With the control variates, each noisy candidate's errors are corrected first (its own slopes per bin), so
+    the choice compares the quieter corrected means; the same error with every fit made within the cell's own
+    fold is returned too, for the mean-curve control (else None).
     """
     names = tuple(n for n in rule.candidates[kind] if n in curves.errors)
     stack = torch.stack([curves.errors[n] for n in names])
-    cv = curves.errors.get(CONTROL[kind]) if rule.control else None
-    if cv is not None:
-        bins = _bins(curves, proposal, CONTROL_BINS)
-        fitted = [
-            e if n in EXACT else est.control_variate(e, cv, curves.weight, bins, folds)
-            for n, e in zip(names, stack, strict=True)
-        ]
-        stack = torch.stack(fitted)
-    if rule.select_means is None:
-        # 16 to 32 bins, finer with more points per image; never as coarse as the columns of a small round
-        bins = _bins(curves, proposal, max(MIN_SELECT_BINS, min(SELECT_BINS, curves.logsnr.shape[1])))
-        choice = est.choose(stack, folds, selection, bins)
-    else:
-        means = torch.stack([rule.select_means[n] for n in names])
-        choice = means.argmin(0).expand(stack.shape[1], -1).clone()
+    cv = _controls(curves, kind) if rule.control else None
+    cv_bins = _bins(curves, proposal, CONTROL_BINS)
+    # 16 to 32 bins, finer with more points per image; never as coarse as the columns of a small round
+    select_bins = _bins(curves, proposal, max(MIN_SELECT_BINS, min(SELECT_BINS, curves.logsnr.shape[1])))
+    crossfit = _corrected(stack, names, cv, curves.weight, cv_bins, folds)
+    choice = _choice(crossfit, names, folds, selection, select_bins, rule)
     out.choice[kind], out.candidates[kind] = choice, names
-    return est.chosen(stack, choice)
+    if not rule.control:
+        return est.chosen(crossfit, choice), None
+    own = torch.zeros_like(crossfit[0])
+    for fold in range(int(folds.max()) + 1):
+        rows = folds == fold
+        sub = _corrected(stack[:, rows], names, None if cv is None else cv[:, rows], curves.weight[rows], cv_bins[rows])
+        same: est.Selection = "none" if selection == "none" else "same"
+        own[rows] = est.chosen(sub, _choice(sub, names, folds[rows] * 0, same, select_bins[rows], rule))
+    return est.chosen(crossfit, choice), own
+
+
+def _corrected(
+    stack: Tensor, names: tuple[str, ...], cv: Tensor | None, weight: Tensor, bins: Tensor, folds: Tensor | None = None
+) -> Tensor:
+    """Each noisy candidate's errors minus its control variates, slopes crossfit over `folds` or else in-sample."""
+    if cv is None:
+        return stack
+    fitted = [
+        e
+        if n in EXACT
+        else est.control_variate(e, cv, weight, bins, folds)
+        if folds is not None
+        else est.control_variate_in_sample(e, cv, weight, bins)
+        for n, e in zip(names, stack, strict=True)
+    ]
+    return torch.stack(fitted)
+
+
+def _choice(
+    stack: Tensor, names: tuple[str, ...], folds: Tensor, selection: est.Selection, bins: Tensor, rule: Rule
+) -> Tensor:
+    """Per cell, the chosen candidate: by `selection` over these cells, or by the rule's separate selection means."""
+    if rule.select_means is None:
+        return est.choose(stack, folds, selection, bins)
+    means = torch.stack([rule.select_means[n] for n in names])
+    return means.argmin(0).expand(stack.shape[1], -1).clone()
+
+
+def _controls(curves: Curves, kind: str) -> Tensor | None:
+    """The kind's control variates (C, N, J): the Gaussian denoiser's error, then the noise moments, where recorded."""
+    names = (CONTROL[kind], *controls.NAMES)
+    found = [curves.errors[n] for n in names if n in curves.errors]
+    return torch.stack(found) if found else None
+
+
+def _curve_control(curves: Curves, proposal: Proposal, folds: Tensor, own: Tensor | None) -> est.CurveControl | None:
+    """The crossfit mean-curve control on knots at the proposal's quantiles, one interval per CURVE_CELLS cells."""
+    if own is None:
+        return None
+    intervals = max(1, min(CURVE_KNOTS, curves.logsnr.numel() // (2 * CURVE_CELLS)))
+    knots = proposal.icdf(torch.linspace(0, 1, intervals + 1, dtype=torch.float64))
+    knots[0], knots[-1] = proposal.logsnr_min, proposal.logsnr_max
+    return est.CurveControl(curves.logsnr, curves.weight, folds, knots, own)
 
 
 def _bins(curves: Curves, proposal: Proposal, count: int) -> Tensor:
@@ -115,20 +162,25 @@ def score(
     mmse_g = ref.mmse(curves.logsnr)
     w, groups = curves.weight, curves.groups
     if "continuous" in names or "continuous_pointwise" in names:
-        e = _pick(curves, "continuous", folds, selection, out, rule, proposal)
-        out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e, groups)
+        e, own = _pick(curves, "continuous", folds, selection, out, rule, proposal)
+        curve = _curve_control(curves, proposal, folds, own)
+        out.estimates["continuous"] = est.nll_continuous(ref.entropy(), mmse_g, w, e, groups, curve)
         gauss = curves.errors["gauss"]
-        out.estimates["continuous_pointwise"] = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e, groups)
+        pointwise = est.nll_continuous_pointwise(ref.nll(values), gauss, w, e, groups, curve)
+        out.estimates["continuous_pointwise"] = pointwise
         out.integrands["continuous"] = 0.5 * (gauss - e)
     if "discrete" in names and levels:
-        e = _pick(curves, "discrete", folds, selection, out, rule, proposal)
+        e, own = _pick(curves, "discrete", folds, selection, out, rule, proposal)
+        curve = _curve_control(curves, proposal, folds, own)
         left = ref.left_tail(proposal.logsnr_min, ref.whiten(values))
         right = est.right_tail(proposal.logsnr_max, ref.dim, levels)
-        out.estimates["discrete"] = est.nll_discrete(left, right, w, e, groups)
+        out.estimates["discrete"] = est.nll_discrete(left, right, w, e, groups, curve)
         out.integrands["discrete"] = 0.5 * e
     if "dequantized" in names and levels:
-        e = _pick(curves, "dequantized", folds, selection, out, rule, proposal)
-        out.estimates["dequantized"] = est.nll_dequantized(ref.entropy(), mmse_g, w, e, groups, ref.dim, levels)
+        e, own = _pick(curves, "dequantized", folds, selection, out, rule, proposal)
+        curve = _curve_control(curves, proposal, folds, own)
+        deq = est.nll_dequantized(ref.entropy(), mmse_g, w, e, groups, ref.dim, levels, curve)
+        out.estimates["dequantized"] = deq
         out.integrands["dequantized"] = 0.5 * (curves.errors["gauss_deq"] - e)
     out.warnings = _edge_warnings(out.integrands, proposal, ref.dim, levels)
     return out

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from itdcli.api import records
 from itdcli.api.results import EstimateResult, NllResult
+from itdcli.core import controls
 from itdcli.errors import ItdError
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -88,7 +89,8 @@ def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, d
     from itdcli.engine import Curves
 
     a = results[0].arrays
-    shared = ("gauss", "gauss_deq", "cv", "cv_deq")  # the same for every member: same images, points and noise
+    # the same for every member: same images, points and noise
+    shared = ("gauss", "gauss_deq", "cv", "cv_deq", *controls.NAMES)
     errors = {k: a[f"mse/{k}"].double() for k in shared if f"mse/{k}" in a}
     for label, r in zip(labels, results, strict=True):
         errors.update({f"{label}/{k}": v.double() for k, v in _errors_of(r).items()})

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from itdcli import runtime
 from itdcli.api import records
 from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo
+from itdcli.core import controls
 from itdcli.core import estimators as est
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import (
@@ -317,7 +318,10 @@ class _Run:
 
 
 # The errors each pass records.
-PASS_ERRORS = {"main": ("gauss", "cv", "model", "round"), "deq": ("deq", "gauss_deq", "cv_deq")}
+PASS_ERRORS = {
+    "main": ("gauss", "cv", "model", "round", *controls.NAMES),
+    "deq": ("deq", "gauss_deq", "cv_deq", *controls.NAMES),
+}
 
 
 def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:

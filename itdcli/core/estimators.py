@@ -11,6 +11,7 @@ denoiser) from the errors of *other* images, so the choice never looks at the im
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,31 +90,106 @@ def chosen(errors: Tensor, choice: Tensor) -> Tensor:
     return errors.gather(0, choice.unsqueeze(0)).squeeze(0)
 
 
-def integral(weight: Tensor, values: Tensor, groups: Tensor) -> Estimate:
+@dataclass(frozen=True)
+class CurveControl:
+    """A crossfit piecewise-linear mean curve g(γ) on `knots`, subtracted from an integrand and integrated exactly.
+
+    For any fixed g, E_p[w·g(γ)] = ∫ g dγ, so (1/J) Σ_j w_j (f_j − g(γ_j)) + ∫ g dγ stays unbiased for ∫ f dγ
+    (a regression estimator, Owen, *Monte Carlo*, §8.9). The g of one fold is fitted to the other fold's
+    integrand computed from `own`: errors whose denoiser choice and control variates were fitted within their
+    own fold, so that g never depends on the draws of the images it corrects (crossfit choices would carry them
+    back). With g close to the images' common curve, stratified points see only how each image departs from it.
+    """
+
+    logsnr: Tensor
+    weight: Tensor
+    folds: Tensor
+    knots: Tensor
+    own: Tensor
+    smoothing: float = 1e-6
+
+    def baseline(self, form: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """g(γ) in every cell (N, J) and ∫ g dγ per image (N,) for the integrand form(error), g from the other fold."""
+        train_values = form(self.own)
+        cells = torch.zeros_like(self.logsnr, dtype=F64)
+        exact = torch.zeros(self.logsnr.shape[0], dtype=F64)
+        for fold in range(int(self.folds.max()) + 1):
+            train, rows = self.folds != fold, self.folds == fold
+            if not train.any():
+                continue
+            g = self._fit(train_values[train], train)
+            cells[rows] = self._at(g, self.logsnr[rows])
+            exact[rows] = (0.5 * (g[1:] + g[:-1]) * self.knots.diff()).sum()
+        return cells, exact
+
+    def _hat(self, logsnr: Tensor) -> tuple[Tensor, Tensor]:
+        """Each cell's left knot i and its linear-interpolation share λ of knot i + 1."""
+        t = self.knots
+        i = torch.clamp(torch.searchsorted(t, logsnr.contiguous(), right=True) - 1, 0, len(t) - 2)
+        lam = ((logsnr - t[i]) / (t[i + 1] - t[i])).clamp(0, 1)
+        return i, lam
+
+    def _at(self, g: Tensor, logsnr: Tensor) -> Tensor:
+        """The piecewise-linear curve with knot values g at each γ."""
+        i, lam = self._hat(logsnr.to(F64))
+        return (1 - lam) * g[i] + lam * g[i + 1]
+
+    def _fit(self, values: Tensor, rows: Tensor) -> Tensor:
+        """Knot values minimising Σ w²(f − g(γ))² (the variance of w·(f − g)) with a light second-difference penalty."""
+        k = len(self.knots)
+        i, lam = self._hat(self.logsnr[rows].reshape(-1).to(F64))
+        w2, f = self.weight[rows].reshape(-1).to(F64) ** 2, values.reshape(-1).to(F64)
+        a = torch.zeros(k * k, dtype=F64)
+        for di, dj, v in ((0, 0, (1 - lam) ** 2), (0, 1, (1 - lam) * lam), (1, 0, (1 - lam) * lam), (1, 1, lam**2)):
+            a.index_add_(0, (i + di) * k + i + dj, w2 * v)
+        a = a.reshape(k, k)
+        b = torch.zeros(k, dtype=F64).index_add_(0, i, w2 * (1 - lam) * f).index_add_(0, i + 1, w2 * lam * f)
+        d = torch.diff(torch.eye(k, dtype=F64), 2, dim=0)
+        penalty = self.smoothing * float(a.diagonal().mean()) + torch.finfo(F64).tiny
+        g: Tensor = torch.linalg.solve(a + penalty * (d.T @ d + 1e-6 * torch.eye(k, dtype=F64)), b)
+        return g
+
+
+def integral(weight: Tensor, values: Tensor, groups: Tensor, baseline: tuple[Tensor, Tensor] | None = None) -> Estimate:
     """Importance-sampled ∫ f dγ per image, (1/J) Σ_j w_nj f_nj (spec §6.2), with its Monte Carlo variance.
 
     Columns in one group of `groups` (J,) are exchangeable draws: var = Σ_g n_g/(n_g−1) Σ_{j∈g} (y_j − ȳ_g)² / J²,
-    unbiased for i.i.d. points and for stratified points drawn two to a stratum (`cdf_points`).
+    unbiased for i.i.d. points and for stratified points drawn two to a stratum (`cdf_points`). A `baseline`
+    (g per cell, its exact ∫ g dγ per image; `CurveControl.baseline`) is subtracted in every cell and added back.
     """
-    y = weight.to(F64) * values.to(F64)
+    zero = torch.zeros((), dtype=F64)
+    g, exact = baseline if baseline is not None else (zero, zero)
+    y = weight.to(F64) * (values.to(F64) - g)
     j = y.shape[1]
     ids = torch.unique(groups, return_inverse=True)[1].to(y.device)
     size = torch.bincount(ids).to(F64)
     mean_g = torch.zeros(y.shape[0], len(size), dtype=F64).index_add_(1, ids, y) / size
     square = torch.zeros_like(mean_g).index_add_(1, ids, (y - mean_g[:, ids]) ** 2)
     factor = torch.where(size > 1, size / (size - 1).clamp_min(1), torch.nan)
-    return Estimate(y.mean(1), (square * factor).sum(1) / j**2)
+    return Estimate(y.mean(1) + exact, (square * factor).sum(1) / j**2)
 
 
-def nll_continuous(entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor) -> Estimate:
+def nll_continuous(
+    entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
+) -> Estimate:
     """Paper form (C1): H_G − ½ ∫ (mmse_G(γ) − mmse(x, γ)) dγ per image (spec §4, §7.1)."""
-    gap = integral(weight, 0.5 * (mmse_g - err), groups)
+
+    def form(e: Tensor) -> Tensor:
+        return 0.5 * (mmse_g - e)
+
+    gap = integral(weight, form(err), groups, control.baseline(form) if control else None)
     return gap.shifted(entropy - gap.per_image)
 
 
-def nll_continuous_pointwise(nll_g: Tensor, mmse_gx: Tensor, weight: Tensor, err: Tensor, groups: Tensor) -> Estimate:
+def nll_continuous_pointwise(
+    nll_g: Tensor, mmse_gx: Tensor, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
+) -> Estimate:
     """Pointwise form (C2): −log N(x) − ½ ∫ (mmse_G(x, γ) − mmse(x, γ)) dγ per image (spec §4, §7.6)."""
-    gap = integral(weight, 0.5 * (mmse_gx - err), groups)
+
+    def form(e: Tensor) -> Tensor:
+        return 0.5 * (mmse_gx - e)
+
+    gap = integral(weight, form(err), groups, control.baseline(form) if control else None)
     return gap.shifted(nll_g - gap.per_image)
 
 
@@ -125,17 +201,30 @@ def right_tail(logsnr_max: float, dim: int, levels: int) -> float:
     return float(4 * dim * torch.exp(-(j**2) * delta**2 * snr / 2).sum())
 
 
-def nll_discrete(left_tail: Tensor, right: float, weight: Tensor, err: Tensor, groups: Tensor) -> Estimate:
+def nll_discrete(
+    left_tail: Tensor, right: float, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
+) -> Estimate:
     """Discrete (D): −log P(x) = ½ ∫ mmse(x, γ) dγ, with both tails added (spec §4, §7.4)."""
-    inner = integral(weight, 0.5 * err, groups)
+
+    def form(e: Tensor) -> Tensor:
+        return 0.5 * e
+
+    inner = integral(weight, form(err), groups, control.baseline(form) if control else None)
     return inner.shifted(left_tail + right + inner.per_image)
 
 
 def nll_dequantized(
-    entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor, dim: int, levels: int
+    entropy: float,
+    mmse_g: Tensor,
+    weight: Tensor,
+    err: Tensor,
+    groups: Tensor,
+    dim: int,
+    levels: int,
+    control: CurveControl | None = None,
 ) -> Estimate:
     """Uniform dequantization bound: (C1) on x + δ(u − ½) plus d·log(1/δ) nats (spec §2, §7.2)."""
-    cont = nll_continuous(entropy, mmse_g, weight, err, groups)
+    cont = nll_continuous(entropy, mmse_g, weight, err, groups, control)
     return cont.shifted(cont.per_image + dim * math.log((levels - 1) / 2))
 
 
@@ -144,24 +233,49 @@ def column_means(values: Tensor) -> Tensor:
     return values.to(F64).mean(0)
 
 
-def control_variate(values: Tensor, cv: Tensor, weight: Tensor, bins: Tensor, folds: Tensor) -> Tensor:
-    """values − β_b·cv per cell, for a mean-zero control variate `cv` (Owen, *Monte Carlo*, §8.9).
+MIN_CELLS_PER_CONTROL = 10
 
-    β_b is the regression slope of w·values on w·cv over the cells of logSNR bin b (`bins`, (N, J)) in
-    the *other* crossfit folds, so each image's estimate stays unbiased and its variance estimate valid.
+
+def control_variate(values: Tensor, cvs: Tensor, weight: Tensor, bins: Tensor, folds: Tensor) -> Tensor:
+    """values − Σ_c β_bc·cv_c per cell, for mean-zero control variates `cvs` (C, N, J) (Owen, *Monte Carlo*, §8.9).
+
+    β_b is the least-squares fit of w·values on the controls' w·cv over the cells of logSNR bin b (`bins`,
+    (N, J)) in the *other* crossfit folds, so each image's estimate stays unbiased and its variance estimate
+    valid. A bin fits only its first min(C, cells / MIN_CELLS_PER_CONTROL) controls, so few cells never fit
+    many slopes.
     """
-    y, x = (weight * values).to(F64), (weight * cv).to(F64)
+    cvs = cvs.unsqueeze(0) if cvs.dim() == 2 else cvs
+    y, x = (weight * values).to(F64), (weight * cvs).to(F64)
     nbins = int(bins.max()) + 1
     out = values.to(F64).clone()
     for fold in range(int(folds.max()) + 1):
         train, rows = folds != fold, folds == fold
         if not train.any():
             continue
-        b, yt, xt = bins[train].reshape(-1), y[train].reshape(-1), x[train].reshape(-1)
-        count = torch.bincount(b, minlength=nbins).to(F64).clamp_min(1)
-        y_mean = torch.zeros(nbins, dtype=F64).index_add_(0, b, yt) / count
-        cov = torch.zeros(nbins, dtype=F64).index_add_(0, b, (yt - y_mean[b]) * xt)
-        var = torch.zeros(nbins, dtype=F64).index_add_(0, b, xt**2)
-        beta = torch.where(var > 0, cov / var.clamp_min(torch.finfo(F64).tiny), 0.0)
-        out[rows] = values[rows].to(F64) - beta[bins[rows]] * cv[rows].to(F64)
+        beta = _slopes(y[train], x[:, train], bins[train], nbins)
+        out[rows] = values[rows].to(F64) - (beta[bins[rows]] * cvs[:, rows].to(F64).movedim(0, -1)).sum(-1)
     return out
+
+
+def control_variate_in_sample(values: Tensor, cvs: Tensor, weight: Tensor, bins: Tensor) -> Tensor:
+    """`control_variate` with the slopes fitted on the same cells they correct (for fits that stay in one fold)."""
+    cvs = cvs.unsqueeze(0) if cvs.dim() == 2 else cvs
+    beta = _slopes((weight * values).to(F64), (weight * cvs).to(F64), bins, int(bins.max()) + 1)
+    return values.to(F64) - (beta[bins] * cvs.to(F64).movedim(0, -1)).sum(-1)
+
+
+def _slopes(y: Tensor, x: Tensor, bins: Tensor, nbins: int) -> Tensor:
+    """Per bin, the least-squares slopes (nbins, C) of the centred y on the controls x (C, ...) of its cells."""
+    c = x.shape[0]
+    b, yt, xt = bins.reshape(-1), y.reshape(-1), x.reshape(c, -1).T
+    count = torch.bincount(b, minlength=nbins)
+    y_mean = torch.zeros(nbins, dtype=F64).index_add_(0, b, yt) / count.clamp_min(1)
+    xtx = torch.zeros(nbins, c, c, dtype=F64).index_add_(0, b, xt[:, :, None] * xt[:, None, :])
+    xty = torch.zeros(nbins, c, dtype=F64).index_add_(0, b, xt * (yt - y_mean[b])[:, None])
+    beta = torch.zeros(nbins, c, dtype=F64)
+    for k in range(nbins):
+        m = min(c, int(count[k]) // MIN_CELLS_PER_CONTROL)
+        if m:
+            fit = torch.linalg.lstsq(xtx[k, :m, :m], xty[k, :m, None], rcond=1e-12, driver="gelsd")
+            beta[k, :m] = fit.solution[:, 0]
+    return beta
