@@ -1,8 +1,8 @@
 """Monte Carlo standard error of the dataset bpd against network evaluations per image, per technique.
 
 Runs `itd nll` on the bundled `digits` model (CPU) with fixed budgets for: the paper's scheme (i.i.d. logistic
-points), stratified points, an antithetic noise pair per point, the Gaussian control variate, the adaptive
-pilot proposal, and itd's default (stratified + adaptive + control variate). From each run's standard error
+points), stratified points, an antithetic noise pair per point, the control variates, the adaptive
+pilot proposal, and itd's default (stratified + adaptive + control variates). From each run's standard error
 it derives the share of the paper's 1,000-point evaluations (3 forwards per point) that reaches the paper's
 standard error: share = (SE² · evals per image) / (SE_paper,1000² · 3,000), with SE_paper,1000 extrapolated
 from the i.i.d. run as SE_iid · √(J/1000). Prints a table, writes benchmarks/out/efficiency.json and
@@ -23,7 +23,7 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "paper (iid)": {**BASE, "scheme": "iid"},
     "stratified": BASE,
     "antithetic pair": {**BASE, "antithetic": True},
-    "control variate": {**BASE, "control_variate": True},
+    "control variates": {**BASE, "control_variate": True},
     "adaptive proposal": {**BASE, "adapt": True},
     "itd default": {"adapt": True, "control_variate": True},
 }

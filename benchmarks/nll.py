@@ -46,22 +46,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--points", type=int, default=16)
     parser.add_argument("--limit", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best rate of each is kept")
     parser.add_argument("--compile", action="store_true", help="also time itd nll --compile (slow to compile on CPU)")
     args = parser.parse_args()
     data = itdcli.load_data("digits_test")
     device = runtime.resolve_device("auto")  # the same device as itd nll's default
     model = itdcli.load_model("digits").to(device)
     x = data.values(torch.arange(args.limit)).to(device)
-    naive = naive_points_per_second(model, x, 17, args.points)
     common = {"points": args.points, "limit": args.limit, "save": False, "adapt": False}
-    rows = [("naive (fp32, one logSNR at a time, 3 forwards)", naive, 3.0)]
     variants = {"itd nll (all estimators)": {}, "itd nll, channels-last": {"channels_last": True}}
     if args.compile:
         itdcli.nll("digits_test", "digits", compile=True, **common)  # compile (its one batch shape) outside the clock
         variants["itd nll --compile (compiling included)"] = {"compile": True}
-    for name, extra in variants.items():
-        result = itdcli.nll("digits_test", "digits", **common, **extra)
-        rows.append((name, args.limit * args.points / result.seconds, 2.0))
+    # every method once per repeat, interleaved, best rate kept: load from other tenants hits all alike
+    best = dict.fromkeys(["naive", *variants], 0.0)
+    for _ in range(args.repeats):
+        best["naive"] = max(best["naive"], naive_points_per_second(model, x, 17, args.points))
+        for name, extra in variants.items():
+            result = itdcli.nll("digits_test", "digits", **common, **extra)
+            best[name] = max(best[name], args.limit * args.points / result.seconds)
+    naive = best["naive"]
+    rows = [("naive (fp32, one logSNR at a time, 3 forwards)", naive, 3.0)]
+    rows += [(name, best[name], 2.0) for name in variants]
     ours = rows[1][1]
     print(f"{'method':<50} {'points/s':>10} {'forwards/point':>15} {'ratio':>7}")
     for name, rate, forwards in rows:
