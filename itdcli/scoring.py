@@ -16,6 +16,7 @@ from itdcli.core.proposal import Proposal
 from itdcli.engine import Curves
 
 EDGE_TOLERANCE_BPD = 0.01
+EDGE_WINDOW = 0.05  # the outer share of the range's width whose cells give an integrand's value at an end
 CONTROL = {"continuous": "cv", "discrete": "cv", "dequantized": "cv_deq"}
 EXACT = ("gauss", "gauss_deq")  # candidates whose error is an exact expectation, with no noise to control
 CONTROL_BINS = 16
@@ -182,18 +183,19 @@ def score(
         deq = est.nll_dequantized(ref.entropy(), mmse_g, w, e, groups, ref.dim, levels, curve)
         out.estimates["dequantized"] = deq
         out.integrands["dequantized"] = 0.5 * (curves.errors["gauss_deq"] - e)
-    out.warnings = _edge_warnings(out.integrands, proposal, ref.dim, levels)
+    out.warnings = _edge_warnings(out.integrands, curves.logsnr, proposal, ref.dim, levels)
     return out
 
 
-def _edge_warnings(integrands: dict[str, Tensor], proposal: Proposal, dim: int, levels: int | None) -> list[str]:
+def _edge_warnings(
+    integrands: dict[str, Tensor], logsnr: Tensor, proposal: Proposal, dim: int, levels: int | None
+) -> list[str]:
     """Warn where an integrand (bpd per unit logSNR) is still large at an end of the range."""
     warnings = []
     for kind, values in integrands.items():
-        cols = est.column_means(values) / (dim * math.log(2))
         ends = {
-            "left": (float(cols[0]), proposal.logsnr_min),
-            "right": (float(cols[-1]), proposal.logsnr_max),
+            "left": (_end_mean(values, logsnr, proposal, "left") / (dim * math.log(2)), proposal.logsnr_min),
+            "right": (_end_mean(values, logsnr, proposal, "right") / (dim * math.log(2)), proposal.logsnr_max),
         }
         if kind == "discrete":
             ends.pop("left")  # the left tail is added in closed form
@@ -201,6 +203,19 @@ def _edge_warnings(integrands: dict[str, Tensor], proposal: Proposal, dim: int, 
             if abs(value) > EDGE_TOLERANCE_BPD:
                 warnings.append(_edge_message(kind, side, value, at, levels))
     return warnings
+
+
+def _end_mean(values: Tensor, logsnr: Tensor, proposal: Proposal, side: str) -> float:
+    """Mean integrand over the cells within EDGE_WINDOW of the range's width from one end (else its outer column).
+
+    A whole column can span much of the range where the proposal puts little mass there (an adaptive one),
+    so the cells are taken by their logSNR.
+    """
+    reach = EDGE_WINDOW * (proposal.logsnr_max - proposal.logsnr_min)
+    near = logsnr <= proposal.logsnr_min + reach if side == "left" else logsnr >= proposal.logsnr_max - reach
+    if bool(near.any()):
+        return float(values[near].to(torch.float64).mean())
+    return float(est.column_means(values)[0 if side == "left" else -1])
 
 
 def _edge_message(kind: str, side: str, value: float, at: float, levels: int | None) -> str:

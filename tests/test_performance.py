@@ -162,3 +162,14 @@ def test_control_variates_keep_per_image_errors_calibrated_and_shrink_them() -> 
         assert abs(float(a.mean() - b.mean())) < 4 * math.hypot(float(sa.norm()), float(sb.norm())) / len(a)
     for name in ("continuous", "discrete"):
         assert runs[0].estimates[name].stderr_bpd < 0.7 * plain.estimates[name].stderr_bpd  # type: ignore[operator]
+
+
+def test_edge_warnings_look_at_the_ends_of_the_range_not_at_a_wide_first_column() -> None:
+    """On discrete digits the continuous integrand is still large at the top (warned) and near zero at the bottom,
+    where a column of the adaptive proposal reaches far into the range (not warned)."""
+    run = itdcli.nll("digits_test", "digits", points=16, limit=120, estimator="continuous", save=False)
+    assert run.proposal.kind == "adaptive"
+    first = run.arrays["logsnr"][:, 0]
+    assert float(first.max()) > run.proposal.logsnr_min + 2  # the first column spans more than the left end
+    assert any("continuous" in w and "right end" in w for w in run.warnings)
+    assert not any("left end" in w for w in run.warnings), run.warnings
