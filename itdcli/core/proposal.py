@@ -1,9 +1,10 @@
 """logSNR proposals for the importance-sampled I-MMSE integral: truncated logistic, uniform, adaptive (spec §6.2).
 
 The adaptive proposal is piecewise constant on bins of the base proposal's quantiles; its mass per bin
-follows the root mean square of the integrands measured in a pilot pass, the density that minimises the
-variance of an importance-sampled mean (Owen, *Monte Carlo theory, methods and examples*, §9.2), mixed
-with the base proposal so that no region loses its coverage (defensive importance sampling, Hesterberg 1995).
+follows the standard deviation of the integrands about their bin mean, measured in a pilot pass: what
+stratified points leave of the variance, so this is the optimal (Neyman) allocation of points (Cochran,
+*Sampling techniques*, 1977, §5.5; Owen, *Monte Carlo theory, methods and examples*, §9.2), mixed with the
+base proposal so that no region loses its coverage (defensive importance sampling, Hesterberg 1995).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def cdf_points(points: int, scheme: PointScheme, generator: torch.Generator) -> 
 def fit_adaptive(
     base: Proposal, logsnr: Tensor, integrands: list[Tensor], bins: int = 24, defensive: float = 0.25
 ) -> Proposal:
-    """Piecewise-constant p(γ) ∝ RMS of the integrands per bin, averaged over integrands, mixed with `base`.
+    """Piecewise-constant p(γ) ∝ the integrands' spread about their bin means, averaged, mixed with `base`.
 
     `logsnr` and each integrand hold pilot cells drawn from `base` (any shape, matching). Bins are the base
     proposal's quantiles, so each holds about the same number of pilot cells; a bin without cells keeps the
@@ -144,7 +145,9 @@ def fit_adaptive(
     base_mass = torch.full((bins,), 1.0 / bins, dtype=F64)
     optimal = torch.zeros(bins, dtype=F64)
     for f in integrands:
-        square = torch.zeros(bins, dtype=F64).index_add_(0, which, f.reshape(-1).to(F64) ** 2)
+        fv = f.reshape(-1).to(F64)
+        mean = torch.zeros(bins, dtype=F64).index_add_(0, which, fv) / count.clamp_min(1)
+        square = torch.zeros(bins, dtype=F64).index_add_(0, which, (fv - mean[which]) ** 2)
         mass = (square / count.clamp_min(1)).sqrt() * width
         mass = torch.where(count > 0, mass / mass.sum(), base_mass) if float(mass.sum()) > 0 else base_mass
         optimal += mass / mass.sum() / len(integrands)
