@@ -1,0 +1,139 @@
+"""The fewest points per image that any logSNR density can need, given the noise left after itd's controls.
+
+Stratified points and the mean-curve control remove an integrand's variation along logSNR; what no choice of
+points removes is the noise of one cell: how the error of the same image at the same logSNR changes with the
+noise draw. With S(γ)² that variance (averaged over images), the best density p ∝ S and infinitely fine
+strata give a dataset standard error of ∫ S dγ / √(N·J) with J points per image (Neyman allocation, Cochran
+1977, §5.5), so J ≥ (∫ S dγ)² / (N·SE²). This script measures S on a grid of logSNR with several noise draws
+per image, for the candidate each estimator would choose there (lowest mean error), after the noise-moment
+control variates (fitted per grid point, crossfit over two folds of images). It also computes the paper's
+standard error at 1,000 i.i.d. points from the same grid (logistic proposal, chosen candidate, no controls), and
+prints the floor on points for the 0.005 bpd target and for the paper's error, with the share of the paper's
+3,000 evaluations per image that the floor implies (one forward per point on x, shared by continuous and
+discrete; one on dequantized x). Run: python benchmarks/noise_floor.py [--grid 48] [--draws 4];
+writes benchmarks/out/noise_floor.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+import itdcli
+from itdcli.api.nll import NllOptions, make_proposal, resolve_reference
+from itdcli.core import channel, controls
+from itdcli.core import estimators as est
+
+F64 = torch.float64
+TARGET_BPD = 0.005
+PAPER_POINTS, PAPER_FORWARDS = 1000, 3
+
+
+def cell_errors(
+    model: torch.nn.Module, data: itdcli.Dataset, ref: itdcli.GaussianReference, gamma: float, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """One noise draw for every image at one logSNR: candidate errors and control variates, (N,) or (C, N)."""
+    x = data.values().to(F64)
+    k, levels, n = data.x, int(data.levels or 0), len(data)
+    g = torch.full((n,), gamma, dtype=F64)
+    eps = torch.randn(x.shape, generator=gen, dtype=F64)
+    eta = eps.reshape(n, -1) @ ref.eigvecs
+    half = 1.0 / (levels - 1)
+    x_deq = x + 2 * half * (torch.rand(x.shape, generator=gen, dtype=F64) - 0.5)
+    with torch.inference_mode():
+        resid = eps - model(channel.noisy(x, eps, g).float(), g).double()
+        resid_deq = eps - model(channel.noisy(x_deq, eps, g).float(), g).double()
+    y, y_deq = ref.whiten(x), ref.whiten(x_deq)
+    moments = controls.noise_moments(eps, k == 0, k == levels - 1).T
+    gauss, gauss_deq = ref.mmse_pointwise(y, g), ref.mmse_pointwise(y_deq, g)
+    return {
+        "model": channel.mse_clamped(resid, x, g),
+        "round": channel.mse_rounded_soft(resid, k, g, levels),
+        "gauss": gauss,
+        "deq": channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half),
+        "gauss_deq": gauss_deq,
+        "cv": torch.cat([(ref.error_draw(y, eta, g) - gauss)[None], moments]),
+        "cv_deq": torch.cat([(ref.error_draw(y_deq, eta, g) - gauss_deq)[None], moments]),
+    }
+
+
+KINDS = {  # estimator: (candidates, control variates, integrand of the error e at expected Gaussian error m_G)
+    "continuous": (("model", "gauss"), "cv", lambda e, mg: 0.5 * (mg - e)),
+    "discrete": (("round", "model", "gauss"), "cv", lambda e, mg: 0.5 * e),
+    "dequantized": (("deq", "gauss_deq"), "cv_deq", lambda e, mg: 0.5 * (mg - e)),
+}
+
+
+def main() -> None:
+    """Table per estimator: ∫S dγ, floor on points for the target and for the paper's error, paper's SE."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grid", type=int, default=48, help="logSNR values, evenly spaced over the range")
+    parser.add_argument("--draws", type=int, default=4, help="noise draws per image and logSNR")
+    args = parser.parse_args()
+    data = itdcli.load_data("digits_test")
+    resolved = resolve_reference(None, data)
+    ref = resolved.ref
+    proposal = make_proposal(NllOptions(), resolved.spectrum)
+    model = itdcli.load_model("digits", reference=ref)
+    edges = torch.linspace(proposal.logsnr_min, proposal.logsnr_max, args.grid + 1, dtype=F64)
+    mid, width = (edges[1:] + edges[:-1]) / 2, float(edges[1] - edges[0])
+    n, dim = len(data), data.dim
+    bpd = 1 / (dim * math.log(2))
+    folds = est.crossfit_folds(n, 2, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    noise = {kind: torch.zeros(args.grid, dtype=F64) for kind in KINDS}
+    second = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in KINDS}  # E_ε f² per image, for the paper
+    mean = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in KINDS}
+    for i, gamma in enumerate(mid.tolist()):
+        draws = [cell_errors(model, data, ref, gamma, gen) for _ in range(args.draws)]
+        cells = {name: torch.stack([d[name] for d in draws], -1) for name in draws[0]}  # (N, D) or (C, N, D)
+        mg = float(ref.mmse(torch.tensor(gamma, dtype=F64)))
+        for kind, (names, cv, form) in KINDS.items():
+            best = min(names, key=lambda c: float(cells[c].mean()))
+            raw = form(cells[best], mg) * bpd
+            mean[kind][i], second[kind][i] = raw.mean(1), (raw**2).mean(1)
+            if best in ("gauss", "gauss_deq"):
+                noise[kind][i] = raw.var(1).mean().sqrt()  # exact in ε (gauss) or noisy in u only (gauss_deq)
+                continue
+            bins = torch.zeros_like(cells[best], dtype=torch.long)
+            fitted = est.control_variate(cells[best], cells[cv], torch.ones_like(cells[best]), bins, folds)
+            noise[kind][i] = (form(fitted, mg) * bpd).var(1).mean().sqrt()
+    density = proposal.density(mid)
+    rows = {}
+    for kind in KINDS:
+        floor = float(noise[kind].sum() * width)  # ∫ S dγ
+        integral_n = (mean[kind] * width).sum(0)
+        var_iid = float(((second[kind] / density[:, None]) * width).sum(0).mean() - (integral_n**2).mean())
+        paper_se = math.sqrt(var_iid / (n * PAPER_POINTS))
+        rows[kind] = {
+            "floor_integral_bpd": floor,
+            "paper_se_1000": paper_se,
+            "points_target": floor**2 / (n * TARGET_BPD**2),
+            "points_paper": floor**2 / (n * paper_se**2),
+        }
+    main_target = max(rows["continuous"]["points_target"], rows["discrete"]["points_target"])
+    main_paper = max(rows["continuous"]["points_paper"], rows["discrete"]["points_paper"])
+    share = (main_paper + rows["dequantized"]["points_paper"]) / (PAPER_POINTS * PAPER_FORWARDS)
+    print(f"digits model, {n} images, {args.grid} logSNR values x {args.draws} noise draws, controls crossfit")
+    print(f"{'estimator':<12} {'∫S dγ':>8} {'paper SE':>9} {'J for 0.005':>12} {'J for paper SE':>15}")
+    for kind, r in rows.items():
+        print(
+            f"{kind:<12} {r['floor_integral_bpd']:>8.4f} {r['paper_se_1000']:>9.4f} "
+            f"{r['points_target']:>12.1f} {r['points_paper']:>15.1f}"
+        )
+    print(
+        f"floor on evaluations per image: {main_target + rows['dequantized']['points_target']:.1f} for ±{TARGET_BPD}, "
+        f"{main_paper + rows['dequantized']['points_paper']:.1f} for the paper's errors ({share:.2%} of its 3,000)"
+    )
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    payload = {"grid": args.grid, "draws": args.draws, "images": n, "rows": rows, "share_for_paper_se": share}
+    (out / "noise_floor.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
