@@ -173,3 +173,16 @@ def test_edge_warnings_look_at_the_ends_of_the_range_not_at_a_wide_first_column(
     assert float(first.max()) > run.proposal.logsnr_min + 2  # the first column spans more than the left end
     assert any("continuous" in w and "right end" in w for w in run.warnings)
     assert not any("left end" in w for w in run.warnings), run.warnings
+
+
+def test_a_per_image_target_adds_rounds_until_the_images_own_errors_meet_it() -> None:
+    opts = {"points": 8, "limit": 40, "seed": 2, "save": False, "adapt": False}
+    fixed = itdcli.nll("digits_test", "digits", **opts)
+    run = itdcli.nll("digits_test", "digits", target_image_stderr=0.3, **opts)
+    assert run.target_image_stderr_bpd == 0.3 and run.target_stderr_bpd is None
+    assert run.rounds >= 2 and run.points > fixed.points
+    for name in run.estimates:
+        before = float((fixed.arrays[f"se/{name}"] ** 2).mean().sqrt())
+        after = float((run.arrays[f"se/{name}"] ** 2).mean().sqrt())
+        assert after <= 0.3 and after < before, name
+    assert max(float((fixed.arrays[f"se/{n}"] ** 2).mean().sqrt()) for n in fixed.estimates) > 0.3

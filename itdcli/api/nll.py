@@ -48,6 +48,7 @@ class NllOptions(BaseModel):
     discrete: bool = False
     points: PositiveInt | None = None
     target_stderr: float | None = Field(None, gt=0)
+    target_image_stderr: float | None = Field(None, gt=0)
     max_points: PositiveInt = 1024
     adapt: bool = True
     pilot_points: PositiveInt = 8
@@ -194,6 +195,7 @@ class _Run:
         self.names, self.opts, self.progress = names, opts, progress
         self.values = dataset.values(index)  # the scored images on the model scale, for every round's scoring
         self.target = opts.target_stderr or (None if opts.points else DEFAULT_TARGET_STDERR)
+        self.image_target = opts.target_image_stderr
         self.evals = self.pilot_evals = 0.0
         self.round_count = 0
         self.done = 0
@@ -304,16 +306,26 @@ class _Run:
         return merged
 
     def _next_round(self, scores: Any, names: list[str], done: int) -> int:
-        """Points per image a pass adds next, as 1/√points predicts for the target; 0 once met or capped.
+        """Points per image a pass adds next, as 1/√points predicts for the targets; 0 once met or capped.
 
-        A round has at least MIN_ROUND_POINTS points, so that it stays stratified.
+        The dataset target bounds each estimator's Monte Carlo standard error; the per-image target, the root
+        mean square over images of their own errors (se/NAME). A round has at least MIN_ROUND_POINTS points,
+        so that it stays stratified.
         """
-        if self.target is None or done >= self.opts.max_points:
+        if (self.target is None and self.image_target is None) or done >= self.opts.max_points:
             return 0
-        worst = max(bits_per_dim(scores.estimates[n].stderr, self.dataset.dim) for n in names)
-        if not worst > self.target:
+        dim = self.dataset.dim
+        ratio = 0.0
+        for n in names:
+            e = scores.estimates[n]
+            if self.target is not None:
+                ratio = max(ratio, bits_per_dim(e.stderr, dim) / self.target)
+            if self.image_target is not None:
+                per_image = math.sqrt(float(e.mc_var.clamp_min(0).mean()))
+                ratio = max(ratio, bits_per_dim(per_image, dim) / self.image_target)
+        if not ratio > 1:
             return 0
-        wanted = math.ceil(done * ((worst / self.target) ** 2 - 1))
+        wanted = math.ceil(done * (ratio**2 - 1))
         return min(max(MIN_ROUND_POINTS, wanted + wanted % 2), self.opts.max_points - done)
 
 
@@ -438,6 +450,7 @@ def nll(
         precision=plan.precision.describe(),
         rounds=run.round_count,
         target_stderr_bpd=run.target,
+        target_image_stderr_bpd=run.image_target,
         pilot_evals_per_image=run.pilot_evals / len(index),
         draws=opts.draws,
         antithetic=opts.antithetic,

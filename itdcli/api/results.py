@@ -86,6 +86,7 @@ class NllResult(BaseModel):
     precision: str
     rounds: int = 1
     target_stderr_bpd: float | None = None
+    target_image_stderr_bpd: float | None = None
     pilot_evals_per_image: float = 0.0
     draws: int = 1
     antithetic: bool = False

@@ -83,7 +83,9 @@ def print_nll(result: NllResult) -> None:
     console.print(table)
     p = result.proposal
     rounds = f" in {result.rounds} rounds" if result.rounds > 1 else ""
-    target = f" (target ± {result.target_stderr_bpd:g})" if result.target_stderr_bpd else ""
+    aims = [f"± {result.target_stderr_bpd:g}"] if result.target_stderr_bpd else []
+    aims += [f"± {result.target_image_stderr_bpd:g} per image"] if result.target_image_stderr_bpd else []
+    target = f" (target {', '.join(aims)})" if aims else ""
     console.print(
         f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}], {p.kind} proposal (loc {p.loc:.3f}, "
         f"scale {p.scale:.3f}); {result.evals_per_image:.1f} network evaluations per image{rounds}{target}, "

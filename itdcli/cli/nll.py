@@ -26,6 +26,13 @@ def nll_command(
         float | None,
         typer.Option(help="Add points until every Monte Carlo standard error is at most this (bpd; default 0.005)."),
     ] = None,
+    target_image_stderr: Annotated[
+        float | None,
+        typer.Option(
+            help="Also add points until the images' own Monte Carlo errors are at most this (bpd, root mean square "
+            "over images; e.g. 0.02 for outlier scores)."
+        ),
+    ] = None,
     max_points: Annotated[int, typer.Option(help="Most logSNR points per image when aiming at a target.")] = 1024,
     adapt: Annotated[
         bool, typer.Option(help="Fit the logSNR proposal to the model's integrands in a short pilot pass.")
@@ -33,7 +40,10 @@ def nll_command(
     draws: Annotated[int, typer.Option(help="Noise draws per logSNR point.")] = 1,
     antithetic: Annotated[bool, typer.Option("--antithetic", help="Evaluate every noise draw also at −ε.")] = False,
     control_variate: Annotated[
-        bool, typer.Option(help="Use the Gaussian denoiser's error on the same noise as a control variate.")
+        bool,
+        typer.Option(
+            help="Control variates: the Gaussian denoiser's error and noise moments on the same draw, a mean curve."
+        ),
     ] = True,
     precision: o.PrecisionOpt = "auto",
     compile_net: o.CompileOpt = False,
@@ -74,6 +84,7 @@ def nll_command(
         "discrete": discrete,
         "points": points,
         "target_stderr": target_stderr,
+        "target_image_stderr": target_image_stderr,
         "max_points": max_points,
         "adapt": adapt,
         "draws": draws,
