@@ -87,11 +87,11 @@ def _pick(
     if not rule.control:
         return est.chosen(crossfit, choice), None
     own = torch.zeros_like(crossfit[0])
+    within: est.Selection = "none" if selection == "none" else "same"
     for fold in range(int(folds.max()) + 1):
         rows = folds == fold
         sub = _corrected(stack[:, rows], names, None if cv is None else cv[:, rows], curves.weight[rows], cv_bins[rows])
-        same: est.Selection = "none" if selection == "none" else "same"
-        own[rows] = est.chosen(sub, _choice(sub, names, folds[rows] * 0, same, select_bins[rows], rule))
+        own[rows] = est.chosen(sub, _choice(sub, names, torch.zeros_like(folds[rows]), within, select_bins[rows], rule))
     return est.chosen(crossfit, choice), own
 
 
@@ -101,14 +101,14 @@ def _corrected(
     """Each noisy candidate's errors minus its control variates, slopes crossfit over `folds` or else in-sample."""
     if cv is None:
         return stack
-    fitted = [
-        e
-        if n in EXACT
-        else est.control_variate(e, cv, weight, bins, folds)
-        if folds is not None
-        else est.control_variate_in_sample(e, cv, weight, bins)
-        for n, e in zip(names, stack, strict=True)
-    ]
+    fitted = []
+    for name, e in zip(names, stack, strict=True):
+        if name in EXACT:
+            fitted.append(e)
+        elif folds is None:
+            fitted.append(est.control_variate_in_sample(e, cv, weight, bins))
+        else:
+            fitted.append(est.control_variate(e, cv, weight, bins, folds))
     return torch.stack(fitted)
 
 

@@ -342,10 +342,13 @@ def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: in
     arrays = {"index": main.index, "logsnr": main.logsnr, "weight": main.weight, "eigvals": ref.eigvals}
     arrays["groups"] = main.groups
     deq = curves.get("deq")
-    if deq is not None and deq is not main and not torch.equal(deq.logsnr, main.logsnr):
+    split = deq is not None and deq is not main and not torch.equal(deq.logsnr, main.logsnr)
+    if deq is not None and split:
         arrays.update({"deq/logsnr": deq.logsnr, "deq/weight": deq.weight, "deq/groups": deq.groups})
     for c in curves.values():
-        arrays.update({f"mse/{k}": v.to(torch.float32) for k, v in c.errors.items()})
+        # errors both passes record (the noise moments) are the dequantized pass's own under deq/ when split
+        own = "deq/" if split and c is deq else ""
+        arrays.update({f"{own if k in main.errors else ''}mse/{k}": v.to(torch.float32) for k, v in c.errors.items()})
     arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
