@@ -169,15 +169,19 @@ def integral(weight: Tensor, values: Tensor, groups: Tensor, baseline: tuple[Ten
     return Estimate(y.mean(1) + exact, (square * factor).sum(1) / j**2)
 
 
+def _integrate(
+    weight: Tensor, err: Tensor, groups: Tensor, form: Callable[[Tensor], Tensor], control: CurveControl | None
+) -> Estimate:
+    """`integral` of the integrand form(err), with the mean-curve control fitted to the same form when given."""
+    return integral(weight, form(err), groups, control.baseline(form) if control else None)
+
+
 def nll_continuous(
     entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
 ) -> Estimate:
     """Paper form (C1): H_G − ½ ∫ (mmse_G(γ) − mmse(x, γ)) dγ per image (spec §4, §7.1)."""
 
-    def form(e: Tensor) -> Tensor:
-        return 0.5 * (mmse_g - e)
-
-    gap = integral(weight, form(err), groups, control.baseline(form) if control else None)
+    gap = _integrate(weight, err, groups, lambda e: 0.5 * (mmse_g - e), control)
     return gap.shifted(entropy - gap.per_image)
 
 
@@ -186,10 +190,7 @@ def nll_continuous_pointwise(
 ) -> Estimate:
     """Pointwise form (C2): −log N(x) − ½ ∫ (mmse_G(x, γ) − mmse(x, γ)) dγ per image (spec §4, §7.6)."""
 
-    def form(e: Tensor) -> Tensor:
-        return 0.5 * (mmse_gx - e)
-
-    gap = integral(weight, form(err), groups, control.baseline(form) if control else None)
+    gap = _integrate(weight, err, groups, lambda e: 0.5 * (mmse_gx - e), control)
     return gap.shifted(nll_g - gap.per_image)
 
 
@@ -206,10 +207,7 @@ def nll_discrete(
 ) -> Estimate:
     """Discrete (D): −log P(x) = ½ ∫ mmse(x, γ) dγ, with both tails added (spec §4, §7.4)."""
 
-    def form(e: Tensor) -> Tensor:
-        return 0.5 * e
-
-    inner = integral(weight, form(err), groups, control.baseline(form) if control else None)
+    inner = _integrate(weight, err, groups, lambda e: 0.5 * e, control)
     return inner.shifted(left_tail + right + inner.per_image)
 
 
