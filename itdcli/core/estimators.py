@@ -2,10 +2,11 @@
 
 Every array is (N, J): image n, point j, with γ_nj drawn for image n alone. Each estimate carries two
 standard errors: the Monte Carlo error of the mean over *these* images (from the spread of the integrand
-within groups of point columns, conservative for stratified points) and the sampling error std/√N that
-also counts how images differ (spec §7.7). At each point column the
-denoiser is chosen among candidates (the model's projections, the Gaussian reference's linear
-denoiser) from the errors of *other* images, so the choice never looks at the image it scores.
+within groups of point columns, the strata of two points) and the sampling error std/√N that also counts
+how images differ (spec §7.7). In each logSNR bin the denoiser is chosen among candidates (the model's
+projections, the Gaussian reference's linear denoiser) from the errors of *other* images, and so are the
+slopes of the control variates and the mean curve subtracted from each integrand, so that no fit looks at
+the image it corrects.
 """
 
 from __future__ import annotations
