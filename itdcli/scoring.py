@@ -24,6 +24,7 @@ SELECT_BINS = 32
 MIN_SELECT_BINS = 16
 CURVE_KNOTS = 24  # intervals of the crossfit mean curve subtracted from each integrand
 CURVE_CELLS = 50  # training cells per interval at least
+MIN_CURVE_KNOTS = 4  # fewer intervals follow the curve too coarsely to lower the variance
 
 # Candidate denoisers per estimator, the first being the model's own (used alone under selection "none").
 CANDIDATES = {
@@ -130,10 +131,14 @@ def _controls(curves: Curves, kind: str) -> Tensor | None:
 
 
 def _curve_control(curves: Curves, proposal: Proposal, folds: Tensor, own: Tensor | None) -> est.CurveControl | None:
-    """The crossfit mean-curve control on knots at the proposal's quantiles, one interval per CURVE_CELLS cells."""
-    if own is None:
+    """The crossfit mean-curve control on knots at the proposal's quantiles, one interval per CURVE_CELLS cells.
+
+    None without control variates, or with too few cells in a fold to fit even one interval (a line through a
+    handful of cells would add more variance than it removes).
+    """
+    intervals = min(CURVE_KNOTS, curves.logsnr.numel() // (2 * CURVE_CELLS))
+    if own is None or intervals < MIN_CURVE_KNOTS:
         return None
-    intervals = max(1, min(CURVE_KNOTS, curves.logsnr.numel() // (2 * CURVE_CELLS)))
     knots = proposal.icdf(torch.linspace(0, 1, intervals + 1, dtype=torch.float64))
     knots[0], knots[-1] = proposal.logsnr_min, proposal.logsnr_max
     return est.CurveControl(curves.logsnr, curves.weight, folds, knots, own)

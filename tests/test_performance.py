@@ -182,8 +182,23 @@ def test_a_per_image_target_adds_rounds_until_the_images_own_errors_meet_it() ->
     run = itdcli.nll("digits_test", "digits", target_image_stderr=0.3, **opts)
     assert run.target_image_stderr_bpd == 0.3 and run.target_stderr_bpd is None
     assert run.rounds >= 2 and run.points > fixed.points
+    missed = 0
     for name in run.estimates:
         before = float((fixed.arrays[f"se/{name}"] ** 2).mean().sqrt())
         after = float((run.arrays[f"se/{name}"] ** 2).mean().sqrt())
-        assert after <= 0.3 and after < before, name
-    assert max(float((fixed.arrays[f"se/{n}"] ** 2).mean().sqrt()) for n in fixed.estimates) > 0.3
+        assert after <= 0.3, name
+        if before > 0.3:  # a pass whose images missed the target took more points
+            missed += 1
+            assert after < before, name
+    assert missed > 0
+
+
+def test_too_few_cells_fit_no_control_and_leave_the_estimates_as_they_were() -> None:
+    """12 images × 8 points: no logSNR bin has ten training cells per control and no fold enough cells for the
+    mean curve, so the controls change nothing (rather than adding the variance of fits to a handful of cells)."""
+    opts = {"points": 8, "limit": 12, "seed": 1, "adapt": False, "save": False}
+    on = itdcli.nll("digits_test", "digits", **opts)
+    off = itdcli.nll("digits_test", "digits", control_variate=False, **opts)
+    for name, e in on.estimates.items():
+        assert e.bpd == pytest.approx(off.estimates[name].bpd, abs=1e-9), name
+        assert e.stderr_bpd == pytest.approx(off.estimates[name].stderr_bpd, abs=1e-9), name
