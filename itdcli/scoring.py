@@ -24,7 +24,7 @@ SELECT_BINS = 32
 MIN_SELECT_BINS = 16
 CURVE_KNOTS = 24  # intervals of the crossfit mean curve subtracted from each integrand
 CURVE_CELLS = 50  # training cells per interval at least
-MIN_CURVE_KNOTS = 4  # fewer intervals follow the curve too coarsely to lower the variance
+MIN_CURVE_KNOTS = 8  # fewer intervals follow the curve too coarsely: they raised the variance (4) or barely lowered it
 
 # Candidate denoisers per estimator, the first being the model's own (used alone under selection "none").
 CANDIDATES = {
