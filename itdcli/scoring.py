@@ -133,8 +133,8 @@ def _controls(curves: Curves, kind: str) -> Tensor | None:
 def _curve_control(curves: Curves, proposal: Proposal, folds: Tensor, own: Tensor | None) -> est.CurveControl | None:
     """The crossfit mean-curve control on knots at the proposal's quantiles, one interval per CURVE_CELLS cells.
 
-    None without control variates, or with too few cells in a fold to fit even one interval (a line through a
-    handful of cells would add more variance than it removes).
+    None without control variates, or with cells for fewer than MIN_CURVE_KNOTS intervals: so coarse a curve
+    adds more variance than it removes (benchmarks/curve_control.py).
     """
     intervals = min(CURVE_KNOTS, curves.logsnr.numel() // (2 * CURVE_CELLS))
     if own is None or intervals < MIN_CURVE_KNOTS:

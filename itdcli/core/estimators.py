@@ -252,7 +252,7 @@ def control_variate(values: Tensor, cvs: Tensor, weight: Tensor, bins: Tensor, f
         if not train.any():
             continue
         beta = _slopes(y[train], x[:, train], bins[train], nbins)
-        out[rows] = values[rows].to(F64) - (beta[bins[rows]] * cvs[:, rows].to(F64).movedim(0, -1)).sum(-1)
+        out[rows] = _minus(values[rows], cvs[:, rows], beta, bins[rows])
     return out
 
 
@@ -260,6 +260,11 @@ def control_variate_in_sample(values: Tensor, cvs: Tensor, weight: Tensor, bins:
     """`control_variate` with the slopes fitted on the same cells they correct (for fits that stay in one fold)."""
     cvs = cvs.unsqueeze(0) if cvs.dim() == 2 else cvs
     beta = _slopes((weight * values).to(F64), (weight * cvs).to(F64), bins, int(bins.max()) + 1)
+    return _minus(values, cvs, beta, bins)
+
+
+def _minus(values: Tensor, cvs: Tensor, beta: Tensor, bins: Tensor) -> Tensor:
+    """values − Σ_c β_bc·cv_c per cell, each cell taking the slopes of its bin b from `beta` (nbins, C)."""
     return values.to(F64) - (beta[bins] * cvs.to(F64).movedim(0, -1)).sum(-1)
 
 
