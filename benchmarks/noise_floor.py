@@ -5,8 +5,9 @@ points removes is the noise of one cell: how the error of the same image at the 
 noise draw. With S(γ)² that variance (averaged over images), the best density p ∝ S and infinitely fine
 strata give a dataset standard error of ∫ S dγ / √(N·J) with J points per image (Neyman allocation, Cochran
 1977, §5.5), so J ≥ (∫ S dγ)² / (N·SE²). This script measures S on a grid of logSNR with several noise draws
-per image, for the candidate each estimator would choose there (lowest mean error), after the noise-moment
-control variates (fitted per grid point, crossfit over two folds of images). It also computes the paper's
+per image, from itd's own engine (a proposal of zero width at each grid value), for the candidate each
+estimator would choose there (lowest mean error), after the noise-moment control variates (fitted per grid
+point, crossfit over two folds of images). It also computes the paper's
 standard error at 1,000 i.i.d. points from the same grid (logistic proposal, chosen candidate, no controls), and
 prints the floor on points for the 0.005 bpd target and for the paper's error, with the share of the paper's
 3,000 evaluations per image that the floor implies (one forward per point on x, shared by continuous and
@@ -24,9 +25,11 @@ from pathlib import Path
 import torch
 
 import itdcli
+from itdcli import engine
 from itdcli.api.nll import NllOptions, make_proposal, resolve_reference
-from itdcli.core import channel, controls
+from itdcli.core import controls
 from itdcli.core import estimators as est
+from itdcli.core.proposal import Proposal
 
 F64 = torch.float64
 TARGET_BPD = 0.005
@@ -34,31 +37,26 @@ PAPER_POINTS, PAPER_FORWARDS = 1000, 3
 
 
 def cell_errors(
-    model: torch.nn.Module, data: itdcli.Dataset, ref: itdcli.GaussianReference, gamma: float, gen: torch.Generator
+    model: torch.nn.Module, data: itdcli.Dataset, ref: itdcli.GaussianReference, gamma: float, draws: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """One noise draw for every image at one logSNR: candidate errors and control variates, (N,) or (C, N)."""
-    x = data.values().to(F64)
-    k, levels, n = data.x, int(data.levels or 0), len(data)
-    g = torch.full((n,), gamma, dtype=F64)
-    eps = torch.randn(x.shape, generator=gen, dtype=F64)
-    eta = eps.reshape(n, -1) @ ref.eigvecs
-    half = 1.0 / (levels - 1)
-    x_deq = x + 2 * half * (torch.rand(x.shape, generator=gen, dtype=F64) - 0.5)
-    with torch.inference_mode():
-        resid = eps - model(channel.noisy(x, eps, g).float(), g).double()
-        resid_deq = eps - model(channel.noisy(x_deq, eps, g).float(), g).double()
-    y, y_deq = ref.whiten(x), ref.whiten(x_deq)
-    moments = controls.noise_moments(eps, k == 0, k == levels - 1).T
-    gauss, gauss_deq = ref.mmse_pointwise(y, g), ref.mmse_pointwise(y_deq, g)
-    return {
-        "model": channel.mse_clamped(resid, x, g),
-        "round": channel.mse_rounded_soft(resid, k, g, levels),
-        "gauss": gauss,
-        "deq": channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half),
-        "gauss_deq": gauss_deq,
-        "cv": torch.cat([(ref.error_draw(y, eta, g) - gauss)[None], moments]),
-        "cv_deq": torch.cat([(ref.error_draw(y_deq, eta, g) - gauss_deq)[None], moments]),
-    }
+    """Every candidate error and control variate of itd's engine, (N, D) or (C, N, D), at one logSNR.
+
+    The engine is run with a proposal of zero width at γ, so its D points per image are D independent noise
+    draws (and dequantization offsets) at the same logSNR.
+    """
+    plan = engine.Plan(
+        Proposal("uniform", 0.0, 1.0, gamma, gamma + 1e-9),
+        draws,
+        "iid",
+        seed,
+        engine.default_batch_size(data.dim),
+        want_round=True,
+        want_deq=True,
+    )
+    cells = engine.evaluate(model, data, ref, plan, torch.device("cpu")).errors
+    cells["cv"] = torch.stack([cells["cv"], *(cells[c] for c in controls.NAMES)])
+    cells["cv_deq"] = torch.stack([cells["cv_deq"], *(cells[c] for c in controls.NAMES)])
+    return cells
 
 
 KINDS = {  # estimator: (candidates, control variates, integrand of the error e at expected Gaussian error m_G)
@@ -84,13 +82,11 @@ def main() -> None:
     n, dim = len(data), data.dim
     bpd = 1 / (dim * math.log(2))
     folds = est.crossfit_folds(n, 2, torch.Generator().manual_seed(1))
-    gen = torch.Generator().manual_seed(0)
     noise = {kind: torch.zeros(args.grid, dtype=F64) for kind in KINDS}
     second = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in KINDS}  # E_ε f² per image, for the paper
     mean = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in KINDS}
     for i, gamma in enumerate(mid.tolist()):
-        draws = [cell_errors(model, data, ref, gamma, gen) for _ in range(args.draws)]
-        cells = {name: torch.stack([d[name] for d in draws], -1) for name in draws[0]}  # (N, D) or (C, N, D)
+        cells = cell_errors(model, data, ref, gamma, args.draws, seed=i)
         mg = float(ref.mmse(torch.tensor(gamma, dtype=F64)))
         for kind, (names, cv, form) in KINDS.items():
             best = min(names, key=lambda c: float(cells[c].mean()))
