@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import itdcli
-from itdcli import engine, runtime
+from itdcli import runtime
+from itdcli.evaluation import engine
 
 
 def forwards_per_second(model: torch.nn.Module, batch: int, total: int, device: torch.device) -> float:

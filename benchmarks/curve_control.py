@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import itdcli
-from itdcli import scoring
+from itdcli.evaluation import scoring
 
 ESTIMATORS = ("continuous", "discrete", "dequantized")
 SIZES = [(30, 16), (60, 8), (60, 16), (120, 8), (40, 32), (100, 16), (200, 8)]

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 import itdcli
-from itdcli import engine
 from itdcli.api.nll import NllOptions, make_proposal, resolve_reference
 from itdcli.core import controls
 from itdcli.core import estimators as est
 from itdcli.core.proposal import Proposal
+from itdcli.evaluation import engine
 
 F64 = torch.float64
 TARGET_BPD = 0.005
@@ -50,8 +50,7 @@ def cell_errors(
         "iid",
         seed,
         engine.default_batch_size(data.dim),
-        want_round=True,
-        want_deq=True,
+        kinds=frozenset({"model", "round", "deq"}),
     )
     cells = engine.evaluate(model, data, ref, plan, torch.device("cpu")).errors
     cells["cv"] = torch.stack([cells["cv"], *(cells[c] for c in controls.NAMES)])

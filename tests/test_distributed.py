@@ -14,7 +14,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import itdcli
-from itdcli import engine, runtime
+from itdcli import runtime
+from itdcli.evaluation import engine
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 LAUNCH_TIMEOUT_S = 60

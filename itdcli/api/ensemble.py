@@ -1,9 +1,9 @@
 """`itdcli.ensemble`: per-logSNR choice among several denoisers for a tighter likelihood (spec §9).
 
 Every member is evaluated on the same images with the same logSNR points and noise (each image's draws depend
-only on the seed and its index), the Gaussian reference is always a member, and the choice per point column is
-made on selection data that is never the data being scored: the other crossfit fold (default), a held-out
-fraction of DATA, or separate data (`select_on`).
+only on the seed and its index), and the choice per logSNR bin is made on selection data that is never the data
+being scored: the other crossfit fold (default), a held-out fraction of DATA, or separate data (`select_on`).
+The Gaussian reference is a member only when asked for (`--model gaussian`), so a one-model ensemble is its model.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from itdcli.errors import ItdError
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_POINTS = 100
-KINDS = {"continuous": ("model",), "discrete": ("model", "round"), "dequantized": ("deq",)}
-GAUSS = {"continuous": "gauss", "discrete": "gauss", "dequantized": "gauss_deq"}
-REFERENCE = "N(μ,Σ) reference"
+KINDS = {"continuous": ("model",), "discrete": ("round", "model"), "dequantized": ("deq",)}
 
 
 class Interval(BaseModel):
@@ -86,16 +84,16 @@ def _labels(results: Sequence[NllResult]) -> list[str]:
 
 def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, dict[str, tuple[str, ...]]]:
     """One set of curves holding every member's errors and the Gaussian's, with candidates per estimator."""
-    from itdcli.engine import Curves
+    from itdcli.evaluation.engine import Curves
 
     a = results[0].arrays
     # the same for every member: same images, points and noise
-    shared = ("gauss", "gauss_deq", "cv", "cv_deq", *controls.NAMES)
+    shared = ("gauss", "gauss_deq", "cv", "cv_deq", *controls.DEQ_NAMES, *controls.NAMES)
     errors = {k: a[f"mse/{k}"].double() for k in shared if f"mse/{k}" in a}
     for label, r in zip(labels, results, strict=True):
         errors.update({f"{label}/{k}": v.double() for k, v in _errors_of(r).items()})
     candidates = {
-        kind: (GAUSS[kind], *[f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors])
+        kind: tuple(f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors)
         for kind, kinds in KINDS.items()
     }
     curves = Curves(a["index"], a["logsnr"].double(), a["weight"].double(), errors, a["groups"])
@@ -114,36 +112,23 @@ def _select_means(curves: Any, rows: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _restrict(curves: Any, rows: torch.Tensor) -> Any:
     """The curves of the images `rows` only."""
-    from itdcli.engine import Curves
+    from itdcli.evaluation.engine import Curves
 
     errors = {k: v[rows] for k, v in curves.errors.items()}
     return Curves(curves.index[rows], curves.logsnr[rows], curves.weight[rows], errors, curves.groups)
 
 
-def _winners(curves: Any, candidates: dict[str, tuple[str, ...]], proposal: Any, means: Any) -> dict[str, Any]:
-    """Per estimator, the member with the lowest selection mean on each run of strata, as logSNR intervals."""
-    from itdcli.core.proposal import stratum_groups
+def _winners(curves: Any, proposal: Any, scores: Any) -> dict[str, list[Interval]]:
+    """Per estimator family, the member whose errors the scored cells were given, as logSNR intervals."""
+    from itdcli.evaluation.scoring import winners
 
-    points = curves.logsnr.shape[1]
-    strata = stratum_groups(points, "stratified")  # columns 2i, 2i+1 share the CDF slice [2i/J, (2i+2)/J)
-    count = int(strata.max()) + 1
-    cuts = [2 * g / points for g in range(count)] + [1.0]
-    edges = proposal.icdf(torch.tensor(cuts, dtype=torch.float64)).tolist()
     table: dict[str, list[Interval]] = {}
-    for kind, names in candidates.items():
-        if not all(n in curves.errors for n in names):
-            continue
-        col = torch.stack([means[n] if means is not None else curves.errors[n].mean(0) for n in names])
-        per_stratum = torch.zeros(len(names), count, dtype=torch.float64).index_add_(1, strata, col.double())
-        best = per_stratum.argmin(0)
-        member = [REFERENCE if names[int(k)] in GAUSS.values() else names[int(k)].split("/")[0] for k in best]
-        spans: list[Interval] = []
-        for g, who in enumerate(member):
-            if spans and spans[-1].member == who:
-                spans[-1].logsnr_to = edges[g + 1]
-            else:
-                spans.append(Interval(logsnr_from=edges[g], logsnr_to=edges[g + 1], member=who))
-        table[kind] = spans
+    for family, choice in scores.choice.items():
+        names = scores.candidates[family]
+        table[family] = [
+            Interval(logsnr_from=lo, logsnr_to=hi, member=names[k].split("/")[0])
+            for lo, hi, k in winners(curves, proposal, choice)
+        ]
     return table
 
 
@@ -168,7 +153,8 @@ def ensemble(
     from itdcli.api.nll import _estimate_result, nll, resolve_reference
     from itdcli.core.proposal import Proposal
     from itdcli.data import load_data
-    from itdcli.scoring import Rule, score
+    from itdcli.evaluation.scoring import Rule, score
+    from itdcli.evaluation.units import Inputs
 
     if select_on is not None and select_fraction is not None:
         raise ItdError("give either --select-on or --select-fraction, not both")
@@ -177,7 +163,9 @@ def ensemble(
     if out is not None:
         records.check_out_dir(out, overwrite)
     if not models and not runs:
-        raise ItdError("give at least one --model or saved run to combine with the Gaussian reference")
+        raise ItdError(
+            "give at least one --model or saved run to combine (add --model gaussian for the N(μ,Σ) reference)"
+        )
     if select_on is not None and runs:
         raise ItdError("--select-on re-evaluates the members on other data: give them as --model, not as saved --run")
     # members must share every logSNR point: a fixed budget and the base proposal (no per-model pilot)
@@ -207,25 +195,17 @@ def ensemble(
     else:
         mode = "crossfit (two folds: each half is scored with the choice made on the other half)"
     scored = _restrict(curves, rows)
-    values = dataset.values(scored.index)
+    codes = dataset.x[scored.index] if dataset.levels else None
+    inp = Inputs(ref, dataset.values(scored.index), codes, dataset.levels, p.logsnr_min, p.logsnr_max)
     names = list(first.estimates)
-    scores = score(
-        scored,
-        ref,
-        values,
-        proposal,
-        dataset.levels,
-        names,
-        "crossfit",
-        first.seed,
-        Rule(candidates, means, control=options.get("control_variate", True)),
-    )
+    rule = Rule(candidates, means, control=options.get("control_variate", True))
+    scores = score(scored, inp, proposal, names, "crossfit", first.seed, rule)
     dim = dataset.dim
     result = EnsembleResult(
         data=first.data.name,
         members={lab: r.estimates for lab, r in zip(labels, results, strict=True)},
         ensemble={n: _estimate_result(scores.estimates[n], dim) for n in names},
-        winners=_winners(scored, {k: v for k, v in candidates.items() if k in scores.choice}, proposal, means),
+        winners=_winners(scored, proposal, scores),
         selection=mode,
         points=first.points,
         seed=first.seed,

@@ -240,7 +240,7 @@ def finetune(
     network is built from `arch`. `log(entry)` receives each metrics line as it is written to metrics.jsonl.
     """
     from itdcli import runtime, train
-    from itdcli.api.nll import NllOptions, _check_input_shape, make_proposal, resolve_reference
+    from itdcli.api.nll import PAPER_CLIP, NllOptions, _check_input_shape, make_proposal, resolve_reference
     from itdcli.data import load_data
     from itdcli.models import checkpoints
 
@@ -256,8 +256,11 @@ def finetune(
         raise ItdError(f"--batch-size {opts.batch_size} does not split over {runtime.world_size()} processes")
     dataset = load_data(data)
     resolved = resolve_reference(None, dataset)
-    range_opts = NllOptions.model_validate({"logsnr_min": opts.logsnr_min, "logsnr_max": opts.logsnr_max})
-    proposal = make_proposal(range_opts, resolved.spectrum)
+    # training keeps the paper's range loc ± 4·scale (spec §8), not the evaluation's range from tails
+    range_opts = NllOptions.model_validate(
+        {"logsnr_min": opts.logsnr_min, "logsnr_max": opts.logsnr_max, "clip": PAPER_CLIP}
+    )
+    proposal = make_proposal(range_opts, resolved.spectrum, resolved.ref, ["continuous"], dataset.levels)
     denoiser = _network(model, opts, tuple(dataset.shape), proposal, resolved.ref)
     _check_input_shape(denoiser, dataset)
     denoiser.to(device)

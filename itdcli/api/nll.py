@@ -16,27 +16,28 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from itdcli import runtime
 from itdcli.api import records
-from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo
-from itdcli.core import controls
+from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo, TailInfo
 from itdcli.core import estimators as est
+from itdcli.core import tails
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import (
     PAPER_SCALE_CONSTANT,
     BaseProposalKind,
     PointScheme,
     Proposal,
-    fit_adaptive,
     logistic_from_spectrum,
 )
 from itdcli.core.units import bits_per_dim
 from itdcli.errors import ItdError
+from itdcli.evaluation import rounds, units
 
 EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
 FLOAT32_LOGSNR_LIMIT = 30.0
 STANDARD_NORMAL = "standard-normal"
 DEFAULT_TARGET_STDERR = 0.005
 FIRST_ROUND_POINTS = 16
-MIN_ROUND_POINTS = 8
+TAIL_SHARE = 0.1  # each closed-form tail is kept below this share of the target error
+PAPER_CLIP = 4.0
 
 
 class NllOptions(BaseModel):
@@ -56,6 +57,7 @@ class NllOptions(BaseModel):
     draws: PositiveInt = 1
     antithetic: bool = False
     control_variate: bool = True
+    paper_clamp: bool = False
     precision: runtime.PrecisionName = "auto"
     channels_last: bool | None = None
     compile: bool = False
@@ -68,7 +70,7 @@ class NllOptions(BaseModel):
     scheme: PointScheme = "stratified"
     proposal: BaseProposalKind = "logistic"
     scale_constant: float = Field(PAPER_SCALE_CONSTANT, gt=0)
-    clip: float = Field(4.0, gt=0)
+    clip: float | None = Field(None, gt=0)
     logsnr_min: float | None = None
     logsnr_max: float | None = None
     loc: float | None = None
@@ -81,20 +83,25 @@ class NllOptions(BaseModel):
 
 
 def _estimator_names(opts: NllOptions, discrete_data: bool) -> list[str]:
-    """The estimators a run reports: --discrete, --estimator, or by default all that the data allow."""
+    """The estimators a run reports: --discrete, --estimator, or by default those that bound the data's own law.
+
+    On integer data the default is discrete and dequantized; the continuous density of integer data falls
+    without limit as the top of the range rises, so it is reported only on request.
+    """
     if opts.discrete and opts.estimator not in (None, "discrete"):
         raise ItdError(f"--discrete conflicts with --estimator {opts.estimator}: give one of them")
-    choice = "discrete" if opts.discrete else opts.estimator or ("all" if discrete_data else "continuous")
+    choice = "discrete" if opts.discrete else opts.estimator
     if choice in ("discrete", "dequantized") and not discrete_data:
         raise ItdError(
             f"the {choice} estimator needs discrete data, but these are float values: "
             "use --estimator continuous, or give integer data (uint8 images, or an integer .npz with --levels)"
         )
-    names = {"continuous": ["continuous", "continuous_pointwise"], "discrete": ["discrete"]}
-    names["dequantized"] = ["dequantized"]
+    continuous = ["continuous", "continuous_pointwise"]
+    if choice is None:
+        return ["discrete", "dequantized"] if discrete_data else continuous
     if choice == "all":
-        return ["continuous", "continuous_pointwise", *(["discrete", "dequantized"] if discrete_data else [])]
-    return names[choice]
+        return [*continuous, *(["discrete", "dequantized"] if discrete_data else [])]
+    return continuous if choice == "continuous" else [choice]
 
 
 def _eig_floor(data: Any) -> float:
@@ -126,14 +133,31 @@ def fit_reference(ref_data: Any) -> tuple[GaussianReference, float]:
     return ref, floor
 
 
-def resolve_reference(reference: Any, data: Any) -> ResolvedReference:
-    """A given reference; N(0, I); or N(μ, Σ) fitted on `reference` data, else the family's training split."""
+def _load_reference(source: Any, data: Any) -> Any:
+    """Reference data read at the scored data's levels; a reference on another scale is refused in one line."""
     from itdcli.data import load_data
 
+    try:
+        return load_data(source, levels=data.levels)
+    except ItdError:
+        other = load_data(source)
+    have = f"{other.levels} levels" if other.levels else "float values"
+    want = f"{data.levels} levels" if data.levels else "float values"
+    raise ItdError(
+        f"reference data '{other.name}' hold {have} but the scored data hold {want}: give a --reference on the "
+        "scale of the data (--levels applies to both)"
+    )
+
+
+def resolve_reference(reference: Any, data: Any) -> ResolvedReference:
+    """A given reference; N(0, I); or N(μ, Σ) fitted on `reference` data, else the family's training split.
+
+    Reference data are read at the scored data's levels, so that both live on one [−1, 1] scale.
+    """
     if isinstance(reference, GaussianReference):
         return ResolvedReference(reference, reference, "<GaussianReference>", None, 0.0)
     standard = reference == STANDARD_NORMAL
-    ref_data = load_data(data.train or data if reference is None or standard else reference)
+    ref_data = _load_reference(data.train or data if reference is None or standard else reference, data)
     if tuple(ref_data.shape) != tuple(data.shape):
         raise ItdError(
             f"reference data '{ref_data.name}' has images of shape {tuple(ref_data.shape)} but the scored data "
@@ -144,23 +168,32 @@ def resolve_reference(reference: Any, data: Any) -> ResolvedReference:
     return ResolvedReference(ref, fitted, STANDARD_NORMAL if standard else ref_data.name, ref_data.sha256, floor)
 
 
-def make_proposal(opts: NllOptions, spectrum: GaussianReference) -> Proposal:
-    """The logSNR proposal from the data's fitted spectrum, with any loc/scale/range overrides (spec §6.2)."""
-    base = logistic_from_spectrum(spectrum.log_eigvals, opts.scale_constant, opts.clip)
+def tail_limit(opts: NllOptions, dim: int) -> float:
+    """The most each closed-form tail may hold, in nats per image: TAIL_SHARE of the target error."""
+    return TAIL_SHARE * (opts.target_stderr or DEFAULT_TARGET_STDERR) * dim * math.log(2)
+
+
+def make_proposal(
+    opts: NllOptions, spectrum: GaussianReference, ref: GaussianReference, names: list[str], levels: int | None
+) -> Proposal:
+    """The logistic proposal of the data's spectrum on the range its tails imply (docs/math.md, Range).
+
+    --clip, --loc or --scale give the paper's range loc ± clip·scale instead; --logsnr-min/--logsnr-max
+    fix either end.
+    """
+    base = logistic_from_spectrum(spectrum.log_eigvals, opts.scale_constant)
     loc = base.loc if opts.loc is None else opts.loc
     scale = base.scale if opts.scale is None else opts.scale
-    lo = loc - opts.clip * scale if opts.logsnr_min is None else opts.logsnr_min
-    hi = loc + opts.clip * scale if opts.logsnr_max is None else opts.logsnr_max
+    if opts.clip is not None or opts.loc is not None or opts.scale is not None:
+        clip = opts.clip or PAPER_CLIP
+        lo, hi = loc - clip * scale, loc + clip * scale
+    else:
+        lo, hi = units.tail_range(names, ref, levels, tail_limit(opts, ref.dim))
+    lo = lo if opts.logsnr_min is None else opts.logsnr_min
+    hi = hi if opts.logsnr_max is None else opts.logsnr_max
     if not lo < hi:
         raise ItdError(f"empty logSNR range [{lo:g}, {hi:g}]: --logsnr-min must be below --logsnr-max")
     return Proposal(opts.proposal, loc, scale, lo, hi)
-
-
-def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor:
-    """All image indices, or a seeded random subset of `limit` of them in index order (never just the first ones)."""
-    if limit is None or limit >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
@@ -174,166 +207,6 @@ def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
         stderr_nats=se,
         sampling_stderr_bpd=sampling,
     )
-
-
-class _Run:
-    """The evaluation of one `itd nll`: an optional pilot that adapts the proposal, then rounds of points."""
-
-    def __init__(
-        self,
-        net: Any,
-        dataset: Any,
-        ref: GaussianReference,
-        device: torch.device,
-        index: torch.Tensor,
-        names: list[str],
-        opts: NllOptions,
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """Hold the inputs; the target is the option, or the default when no fixed --points is given."""
-        self.net, self.dataset, self.ref, self.device, self.index = net, dataset, ref, device, index
-        self.names, self.opts, self.progress = names, opts, progress
-        self.values = dataset.values(index)  # the scored images on the model scale, for every round's scoring
-        self.target = opts.target_stderr or (None if opts.points else DEFAULT_TARGET_STDERR)
-        self.image_target = opts.target_image_stderr
-        self.evals = self.pilot_evals = 0.0
-        self.round_count = 0
-        self.done = 0
-
-    def _tick(self, n: int, total: int) -> None:
-        """Progress in points of this rank, against the points planned so far."""
-        self.done += n
-        if self.progress is not None and runtime.is_main():
-            self.progress(self.done, total)
-
-    def _evaluate(self, plan: Any, index: torch.Tensor) -> Any:
-        """One round of `plan` over `index`, counting network forwards and reporting progress."""
-        from itdcli import engine
-
-        total = self.done + len(engine.local_rows(index)) * plan.points
-        curves = engine.evaluate(
-            self.net, self.dataset, self.ref, plan, self.device, index, lambda n: self._tick(n, total)
-        )
-        return curves, engine.evals_per_image(plan) * len(index)
-
-    def adapt(self, plan: Any) -> Any:
-        """A pilot on a seeded subset of the data fits the proposal to this model's integrands (its forwards count)."""
-        from dataclasses import replace
-
-        from itdcli import engine, scoring
-
-        # pilot images are drawn from the whole dataset, so the proposal does not depend on --limit
-        rows = _subset(len(self.dataset), self.opts.pilot_images, self.opts.seed + 3)
-        pilot = replace(plan, points=self.opts.pilot_points, stream=engine.PILOT_STREAM)
-        curves, evals = self._evaluate(pilot, rows)
-        self.pilot_evals = self.evals = float(evals)
-        # each estimator's integrand with the model's own denoiser (selection "none"), no control variate
-        raw = scoring.score(
-            curves,
-            self.ref,
-            self.dataset.values(rows),
-            plan.proposal,
-            self.dataset.levels,
-            self.names,
-            "none",
-            self.opts.seed,
-            scoring.Rule(control=False),
-        )
-        fitted = fit_adaptive(plan.proposal, curves.logsnr, list(raw.integrands.values()))
-        return replace(plan, proposal=fitted)
-
-    def _passes(self) -> dict[str, list[str]]:
-        """The estimators of each pass: the network on x (continuous, discrete), on dequantized x."""
-        main = [n for n in self.names if n != "dequantized"]
-        passes = {"main": main, "deq": ["dequantized"] if "dequantized" in self.names else []}
-        return {p: names for p, names in passes.items() if names}
-
-    def rounds(self, plan: Any) -> tuple[dict[str, Any], Any]:
-        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap).
-
-        Each pass adds only the points its own estimators still need, so the dequantized pass (a second
-        forward per point) stops as soon as its estimate is precise enough.
-        """
-        passes = self._passes()
-        curves: dict[str, Any] = {}
-        want = dict.fromkeys(passes, plan.points)
-        while want:
-            for name, more in self._round(plan, want).items():
-                curves[name] = more if name not in curves else curves[name].extended(more)
-            self.round_count += 1
-            scores = self._score(curves, plan)
-            want = {p: self._next_round(scores, passes[p], int(curves[p].logsnr.shape[1])) for p in passes}
-            want = {p: k for p, k in want.items() if k > 0}
-        return curves, scores
-
-    def _round(self, plan: Any, want: dict[str, int]) -> dict[str, Any]:
-        """One round: the passes share their points when they want as many, else each draws its own."""
-        from dataclasses import replace
-
-        stream = self.round_count
-        if len(set(want.values())) == 1:
-            shared = replace(plan, points=next(iter(want.values())), stream=stream)
-            both, evals = self._evaluate(replace(shared, want_main="main" in want, want_deq="deq" in want), self.index)
-            self.evals += evals
-            return {p: both.subset(PASS_ERRORS[p]) for p in want}
-        out = {}
-        for p, k in want.items():
-            one = replace(plan, points=k, stream=stream, want_main=p == "main", want_deq=p == "deq")
-            out[p], evals = self._evaluate(one, self.index)
-            self.evals += evals
-        return out
-
-    def _score(self, curves: dict[str, Any], plan: Any) -> Any:
-        """Every estimator of every pass, scored on that pass's points."""
-        from itdcli import scoring
-
-        passes = self._passes()
-        merged = scoring.Scores()
-        for p, c in curves.items():
-            merged.merge(
-                scoring.score(
-                    c,
-                    self.ref,
-                    self.values,
-                    plan.proposal,
-                    self.dataset.levels,
-                    passes[p],
-                    self.opts.selection,
-                    self.opts.seed,
-                    scoring.Rule(control=self.opts.control_variate),
-                )
-            )
-        return merged
-
-    def _next_round(self, scores: Any, names: list[str], done: int) -> int:
-        """Points per image a pass adds next, as 1/√points predicts for the targets; 0 once met or capped.
-
-        The dataset target bounds each estimator's Monte Carlo standard error; the per-image target, the root
-        mean square over images of their own errors (se/NAME). A round has at least MIN_ROUND_POINTS points,
-        so that it stays stratified.
-        """
-        if (self.target is None and self.image_target is None) or done >= self.opts.max_points:
-            return 0
-        dim = self.dataset.dim
-        ratio = 0.0
-        for n in names:
-            e = scores.estimates[n]
-            if self.target is not None:
-                ratio = max(ratio, bits_per_dim(e.stderr, dim) / self.target)
-            if self.image_target is not None:
-                per_image = math.sqrt(float(e.mc_var.clamp_min(0).mean()))
-                ratio = max(ratio, bits_per_dim(per_image, dim) / self.image_target)
-        if not ratio > 1:
-            return 0
-        wanted = math.ceil(done * (ratio**2 - 1))
-        return min(max(MIN_ROUND_POINTS, wanted + wanted % 2), self.opts.max_points - done)
-
-
-# The errors each pass records.
-PASS_ERRORS = {
-    "main": ("gauss", "cv", "model", "round", *controls.NAMES),
-    "deq": ("deq", "gauss_deq", "cv_deq", *controls.NAMES),
-}
 
 
 def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
@@ -372,8 +245,9 @@ def nll(
     Under torchrun the ranks share the images and all return the same result; only rank 0 reports
     progress and writes the record.
     """
-    from itdcli import __version__, engine
+    from itdcli import __version__
     from itdcli.data import load_data
+    from itdcli.evaluation import engine
     from itdcli.models import load_model
 
     opts = NllOptions(**options)
@@ -384,10 +258,11 @@ def nll(
     device = runtime.local_device(opts.device)
     resolved = resolve_reference(reference, dataset)
     ref = resolved.ref
-    proposal = make_proposal(opts, resolved.spectrum)
+    proposal = make_proposal(opts, resolved.spectrum, ref, names, dataset.levels)
     denoiser = load_model(model, ref, opts.time_map)
     _check_input_shape(denoiser, dataset)
-    index = _subset(len(dataset), opts.limit, opts.seed)
+    index = rounds.subset(len(dataset), opts.limit, opts.seed)
+    _check_constant_pixels(dataset, index)
     plan = engine.Plan(
         proposal,
         opts.points or FIRST_ROUND_POINTS,
@@ -395,8 +270,7 @@ def nll(
         opts.seed,
         opts.batch_size or engine.default_batch_size(dataset.dim, device),
         opts.rounding,
-        want_round="discrete" in names,
-        want_deq="dequantized" in names,
+        kinds=units.kinds(names),
         draws=opts.draws,
         antithetic=opts.antithetic,
         precision=runtime.precision(opts.precision, device),
@@ -406,7 +280,19 @@ def nll(
     runtime.init_distributed(device)
     runtime.barrier()  # every rank has checked its inputs and --out before rank 0 can write
     net = runtime.prepare_model(denoiser, device, plan.channels_last, opts.compile)
-    run = _Run(net, dataset, ref, device, index, names, opts, progress)
+    target = opts.target_stderr or (None if opts.points else DEFAULT_TARGET_STDERR)
+    settings = rounds.Settings(
+        target,
+        opts.target_image_stderr,
+        opts.max_points,
+        opts.pilot_images,
+        opts.pilot_points,
+        opts.seed,
+        opts.selection,
+        opts.control_variate,
+        opts.paper_clamp,
+    )
+    run = rounds.Run(net, dataset, ref, device, index, names, settings, progress)
     start = time.perf_counter()
     if opts.adapt:
         plan = run.adapt(plan)
@@ -414,6 +300,8 @@ def nll(
     seconds = time.perf_counter() - start
     main = curves["main"] if "main" in curves else curves["deq"]
     proposal = plan.proposal
+    tails = _tails(names, rounds.inputs(dataset, index, ref, plan), tail_limit(opts, dataset.dim))
+    reported = list(scores.estimates)
     result = NllResult(
         itd_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -446,14 +334,18 @@ def nll(
         rounding=opts.rounding,
         time_map=str(getattr(denoiser, "time_map", opts.time_map)),
         candidates={k: list(v) for k, v in scores.candidates.items()},
-        estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in names},
+        estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in reported},
+        bound="paper-clamp" if opts.paper_clamp else "model",
+        tails=tails,
+        worse_than_reference={k: [list(span) for span in v] for k, v in scores.worse.items() if v},
+        missing_above_bpd={k: v for k, v in scores.missing.items()},
         evals_per_image=run.evals / len(index),
         seconds=seconds,
         device=str(device),
         precision=plan.precision.describe(),
         rounds=run.round_count,
-        target_stderr_bpd=run.target,
-        target_image_stderr_bpd=run.image_target,
+        target_stderr_bpd=settings.target,
+        target_image_stderr_bpd=settings.image_target,
         pilot_evals_per_image=run.pilot_evals / len(index),
         draws=opts.draws,
         antithetic=opts.antithetic,
@@ -462,12 +354,87 @@ def nll(
             "or rounds (iid), √(Σ var)/N over images; "
             "sampling_stderr_bpd: std/√N over per-image values"
         ),
-        warnings=scores.warnings + _run_warnings(reference, dataset, proposal, denoiser),
+        warnings=_run_warnings(reference, dataset, proposal, denoiser)
+        + _range_warnings(opts, tails, scores, dataset.dim),
+        notes=_notes(_model_name(model), names, scores, dataset.levels, proposal),
         arrays=_arrays(curves, scores, ref, dataset.dim),
     )
     if opts.save:
         _save(result, opts.out, dataset.name)
     return result
+
+
+def _tails(names: list[str], inp: units.Inputs, limit: float) -> dict[str, TailInfo]:
+    """Each estimator's closed-form tails in bpd: the Gaussian bound below γ_L, its own right term above γ_R."""
+    scale = inp.ref.dim * math.log(2)
+    left = tails.gaussian_left_tail(inp.logsnr_min, inp.ref.log_eigvals) / scale
+    return {
+        n: TailInfo(left_bpd=left, right_bpd=right / scale, limit_bpd=limit / scale)
+        for n, (_, right) in units.tail_values(names, inp).items()
+    }
+
+
+def _range_warnings(opts: NllOptions, tails: dict[str, TailInfo], scores: Any, dim: int) -> list[str]:
+    """One line per tail above its limit, and per estimate whose range may cut off more than half its error."""
+    out = []
+    for name, t in tails.items():
+        for side, value, flag in (("left", t.left_bpd, "--logsnr-min"), ("right", t.right_bpd, "--logsnr-max")):
+            if abs(value) > t.limit_bpd * (1 + 1e-9):
+                out.append(
+                    f"{name}: the {side} tail beyond the logSNR range holds {value:.4f} bpd, above its limit "
+                    f"{t.limit_bpd:.4f}: drop {flag} (or widen it) to let itd choose the range"
+                )
+    for name, missing in scores.missing.items():
+        se = scores.estimates[name].stderr
+        if missing > 0.5 * bits_per_dim(se, dim):
+            out.append(
+                f"{name}: about {missing:.4f} bpd may lie above the top of the logSNR range (the model still beats "
+                "the identity decoder there): raise --logsnr-max"
+            )
+    return out
+
+
+def _notes(model: str, names: list[str], scores: Any, levels: int | None, proposal: Proposal) -> list[str]:
+    """Facts a reader needs beside the table: where the model is worse than N(μ, Σ); continuous on integer data."""
+    out = []
+    for name, spans in scores.worse.items():
+        if spans:
+            where = ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in spans)
+            out.append(
+                f"{name}: {model} is worse than its N(μ,Σ) reference on logSNR {where}; "
+                f"`itd ensemble --model {model} --model gaussian` gives the bound that switches there"
+            )
+    if levels and "continuous" in names:
+        out.append(
+            f"continuous: on integer data the density falls without limit as the range's top rises; "
+            f"these values hold for logSNR up to {proposal.logsnr_max:.2f}"
+        )
+    return out
+
+
+def _check_constant_pixels(dataset: Any, index: torch.Tensor) -> None:
+    """Refuse float data with a pixel that never varies: its density is a point mass, −log p = −∞ (docs/math.md)."""
+    if dataset.levels or len(index) < 2:
+        return
+    x = dataset.x[index].reshape(len(index), -1)
+    constant = (x == x[:1]).all(0).nonzero().flatten().tolist()
+    if constant:
+        shape = tuple(dataset.shape)
+        where = ", ".join(str(tuple(int(v) for v in _unravel(i, shape))) for i in constant[:3])
+        more = f" and {len(constant) - 3} more" if len(constant) > 3 else ""
+        raise ItdError(
+            f"{len(constant)} pixel(s) of '{dataset.name}' never vary, e.g. at (C, H, W) {where}{more}: the density "
+            "of such data is a point mass (−log p = −∞); score integer data with --levels, or remove those pixels"
+        )
+
+
+def _unravel(i: int, shape: tuple[int, ...]) -> list[int]:
+    """The multi-index of flat position `i` in `shape`."""
+    out = []
+    for size in reversed(shape):
+        out.append(i % size)
+        i //= size
+    return out[::-1]
 
 
 def _save(result: NllResult, out: Path | None, data_name: str) -> None:
@@ -497,7 +464,7 @@ def _model_name(model: Any) -> str:
 
 def _reference_info(resolved: ResolvedReference, opts: NllOptions) -> ReferenceInfo:
     """Where the reference came from, its entropy, floor and the proposal its spectrum implies."""
-    implied = logistic_from_spectrum(resolved.spectrum.log_eigvals, opts.scale_constant, opts.clip)
+    implied = logistic_from_spectrum(resolved.spectrum.log_eigvals, opts.scale_constant)
     return ReferenceInfo(
         source=resolved.source,
         sha256=resolved.sha256,
@@ -522,7 +489,7 @@ def _run_warnings(reference: Any, dataset: Any, proposal: Proposal, denoiser: An
     """Protocol warnings: reference fitted on the scored data, range beyond the model's training or float32."""
     warnings = []
     trained = getattr(denoiser, "trained_logsnr", None)
-    if trained is not None and (proposal.logsnr_min < trained[0] or proposal.logsnr_max > trained[1]):
+    if trained is not None and (proposal.logsnr_min < trained[0] - 1e-6 or proposal.logsnr_max > trained[1] + 1e-6):
         warnings.append(
             f"the logSNR range [{proposal.logsnr_min:.2f}, {proposal.logsnr_max:.2f}] goes beyond the model's "
             f"trained range [{trained[0]:.2f}, {trained[1]:.2f}]: there its time input is clamped and the network "

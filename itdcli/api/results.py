@@ -51,7 +51,7 @@ class ProposalInfo(BaseModel):
     loc: float
     scale: float
     scale_constant: float
-    clip: float
+    clip: float | None = None  # None: the range came from the tails (or --logsnr-min/--logsnr-max)
     logsnr_min: float
     logsnr_max: float
     scheme: str
@@ -59,12 +59,20 @@ class ProposalInfo(BaseModel):
     mass: list[float] = Field(default_factory=list)
 
 
+class TailInfo(BaseModel):
+    """An estimator's closed-form tails outside the logSNR range, and the most each may hold (bpd)."""
+
+    left_bpd: float
+    right_bpd: float
+    limit_bpd: float
+
+
 class NllResult(BaseModel):
     """Everything needed to read and reproduce one `itd nll` run; per-image arrays ride along in `arrays`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    schema_version: str = "itd.nll/2"
+    schema_version: str = "itd.nll/3"
     itd_version: str
     created: str
     data: DataInfo
@@ -80,6 +88,10 @@ class NllResult(BaseModel):
     time_map: str = "exact"
     candidates: dict[str, list[str]] = Field(default_factory=dict)
     estimates: dict[str, EstimateResult]
+    bound: str = "model"
+    tails: dict[str, TailInfo] = Field(default_factory=dict)
+    worse_than_reference: dict[str, list[list[float]]] = Field(default_factory=dict)
+    missing_above_bpd: dict[str, float] = Field(default_factory=dict)
     evals_per_image: float
     seconds: float
     device: str
@@ -92,6 +104,7 @@ class NllResult(BaseModel):
     antithetic: bool = False
     stderr_method: str
     warnings: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
     run_dir: str | None = None
     arrays: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
 

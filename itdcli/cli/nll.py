@@ -61,7 +61,10 @@ def nll_command(
     ] = None,
     loc: Annotated[float | None, typer.Option(help="Proposal centre (default: −mean log λ of the spectrum).")] = None,
     scale: Annotated[float | None, typer.Option(help="Proposal scale (default: from the spectrum).")] = None,
-    clip: Annotated[float, typer.Option(help="Default range: loc ± clip·scale.")] = 4.0,
+    clip: Annotated[
+        float | None,
+        typer.Option(help="Range loc ± clip·scale, the paper's (default: from the tails; 4 with --loc or --scale)."),
+    ] = None,
     scheme: Annotated[
         str, typer.Option(help="logSNR points per image: stratified or iid (the paper's).")
     ] = "stratified",

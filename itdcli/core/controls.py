@@ -33,3 +33,22 @@ def noise_moments(eps: Tensor, low: Tensor, high: Tensor) -> Tensor:
     pos = (e > 0).to(F64)
     terms = (e**2 - 1, e**2 * pos - 0.5, e, e * pos - PHI0)
     return torch.stack([(t * m).sum(1) for t in terms for m in masks], 1)
+
+
+DEQ_NAMES = tuple(f"deq_{m}_{c}" for m in ("sq", "cross") for c in CLASSES)
+
+
+def dequantization_moments(u: Tensor, eps: Tensor, logsnr: Tensor, delta: float, low: Tensor, high: Tensor) -> Tensor:
+    """(B, 6) float64 in DEQ_NAMES order: per pixel class, e^γδ²Σ((u−½)² − 1/12) and e^{γ/2}δΣ(u−½)ε.
+
+    For x̃ = x + δ(u − ½), a denoiser that snaps x̂ to the grid has ε-error close to e^γ‖δ(u − ½)‖²
+    plus a cross term with the noise; both moments have mean zero for u ~ U[0, 1) independent of ε.
+    """
+    v = (u.reshape(u.shape[0], -1).to(F64) - 0.5) * delta
+    e = eps.reshape(v.shape).to(F64)
+    g = logsnr.to(F64).reshape(-1, 1)
+    lo = low.reshape(v.shape).to(F64)
+    hi = high.reshape(v.shape).to(F64)
+    masks = (lo, 1 - lo - hi, hi)
+    terms = (torch.exp(g) * (v**2 - delta**2 / 12), torch.exp(g / 2) * v * e)
+    return torch.stack([(t * m).sum(1) for t in terms for m in masks], 1)

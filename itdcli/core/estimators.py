@@ -170,68 +170,6 @@ def integral(weight: Tensor, values: Tensor, groups: Tensor, baseline: tuple[Ten
     return Estimate(y.mean(1) + exact, (square * factor).sum(1) / j**2)
 
 
-def _integrate(
-    weight: Tensor, err: Tensor, groups: Tensor, form: Callable[[Tensor], Tensor], control: CurveControl | None
-) -> Estimate:
-    """`integral` of the integrand form(err), with the mean-curve control fitted to the same form when given."""
-    return integral(weight, form(err), groups, control.baseline(form) if control else None)
-
-
-def nll_continuous(
-    entropy: float, mmse_g: Tensor, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
-) -> Estimate:
-    """Paper form (C1): H_G − ½ ∫ (mmse_G(γ) − mmse(x, γ)) dγ per image (spec §4, §7.1)."""
-
-    gap = _integrate(weight, err, groups, lambda e: 0.5 * (mmse_g - e), control)
-    return gap.shifted(entropy - gap.per_image)
-
-
-def nll_continuous_pointwise(
-    nll_g: Tensor, mmse_gx: Tensor, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
-) -> Estimate:
-    """Pointwise form (C2): −log N(x) − ½ ∫ (mmse_G(x, γ) − mmse(x, γ)) dγ per image (spec §4, §7.6)."""
-
-    gap = _integrate(weight, err, groups, lambda e: 0.5 * (mmse_gx - e), control)
-    return gap.shifted(nll_g - gap.per_image)
-
-
-def right_tail(logsnr_max: float, dim: int, levels: int) -> float:
-    """Bound on ½∫_{γ_R}^∞ of the rounded error, 4d Σ_{j≥1} exp(−(j−½)² δ² e^{γ_R}/2) (derived, spec §7.4)."""
-    delta = 2.0 / (levels - 1)
-    j = torch.arange(1, levels, dtype=F64) - 0.5
-    snr = torch.exp(torch.tensor(logsnr_max, dtype=F64))
-    return float(4 * dim * torch.exp(-(j**2) * delta**2 * snr / 2).sum())
-
-
-def nll_discrete(
-    left_tail: Tensor, right: float, weight: Tensor, err: Tensor, groups: Tensor, control: CurveControl | None = None
-) -> Estimate:
-    """Discrete (D): −log P(x) = ½ ∫ mmse(x, γ) dγ, with both tails added (spec §4, §7.4)."""
-
-    inner = _integrate(weight, err, groups, lambda e: 0.5 * e, control)
-    return inner.shifted(left_tail + right + inner.per_image)
-
-
-def nll_dequantized(
-    entropy: float,
-    mmse_g: Tensor,
-    weight: Tensor,
-    err: Tensor,
-    groups: Tensor,
-    dim: int,
-    levels: int,
-    control: CurveControl | None = None,
-) -> Estimate:
-    """Uniform dequantization bound: (C1) on x + δ(u − ½) plus d·log(1/δ) nats (spec §2, §7.2)."""
-    cont = nll_continuous(entropy, mmse_g, weight, err, groups, control)
-    return cont.shifted(cont.per_image + dim * math.log((levels - 1) / 2))
-
-
-def column_means(values: Tensor) -> Tensor:
-    """Mean over images of each point column, (J,)."""
-    return values.to(F64).mean(0)
-
-
 MIN_CELLS_PER_CONTROL = 10
 
 

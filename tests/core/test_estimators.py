@@ -166,26 +166,3 @@ def test_a_folds_mean_curve_is_fitted_on_the_other_fold_alone() -> None:
     assert torch.equal(before[0][folds == 0], after[0][folds == 0])
     assert torch.equal(before[1][folds == 0], after[1][folds == 0])
     assert not torch.allclose(before[0][folds == 1], after[0][folds == 1])
-
-
-def test_right_tail_is_the_derived_bound_and_vanishes_for_cifar() -> None:
-    dim, levels, g = 10, 5, 2.0
-    delta = 2 / (levels - 1)
-    direct = 4 * dim * sum(math.exp(-((j - 0.5) ** 2) * delta**2 * math.exp(g) / 2) for j in range(1, levels))
-    assert est.right_tail(g, dim, levels) == pytest.approx(direct)
-    assert est.right_tail(18.651862, 3072, 256) == 0.0
-
-
-def test_continuous_forms_and_discrete_assemble_the_integral() -> None:
-    w = torch.tensor([[2.0, 4.0]], dtype=F64)
-    err = torch.tensor([[1.0, 3.0]], dtype=F64)
-    mmse_g = torch.tensor([[2.0, 4.0]], dtype=F64)
-    # (1/J) Σ w f = ((2·1) + (4·1))/2 = 3 for f = mmse_g − err = 1
-    groups = torch.zeros(2, dtype=torch.long)
-    assert est.nll_continuous(10.0, mmse_g, w, err, groups).mean == pytest.approx(10.0 - 1.5)
-    point = est.nll_continuous_pointwise(torch.tensor([5.0], dtype=F64), mmse_g, w, err, groups)
-    assert point.mean == pytest.approx(3.5)
-    # (1/J) Σ w err = (2 + 12)/2 = 7 → ½·7 + tails
-    assert est.nll_discrete(torch.tensor([0.25]), 0.5, w, err, groups).mean == pytest.approx(3.5 + 0.75)
-    deq = est.nll_dequantized(10.0, mmse_g, w, err, groups, dim=3, levels=17)
-    assert deq.mean == pytest.approx(8.5 + 3 * math.log(8))

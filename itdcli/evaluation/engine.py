@@ -40,9 +40,7 @@ class Plan:
     seed: int
     batch_size: int
     rounding: Rounding = "soft"
-    want_round: bool = False
-    want_deq: bool = False
-    want_main: bool = True  # the forward on x itself (continuous and discrete errors); off for a dequantized-only pass
+    kinds: frozenset[str] = frozenset({"model"})  # model errors to record: "model" (clamped), "round", "deq"
     stream: int = 0
     draws: int = 1
     antithetic: bool = False
@@ -54,6 +52,16 @@ class Plan:
     def noises(self) -> int:
         """Noise draws evaluated per logSNR point (each draw twice when antithetic)."""
         return self.draws * (2 if self.antithetic else 1)
+
+    @property
+    def main(self) -> bool:
+        """Whether the network runs on x itself (the clamped and rounded errors)."""
+        return bool(self.kinds & {"model", "round"})
+
+    @property
+    def deq(self) -> bool:
+        """Whether the network runs on the dequantized x + δ(u − ½)."""
+        return "deq" in self.kinds
 
 
 @dataclass
@@ -165,7 +173,7 @@ class _Cells:
             logsnr.append(g.repeat_interleave(plan.noises))
             e = torch.randn(shape, generator=gen)
             eps.append(torch.cat([e, -e], 1) if plan.antithetic else e)
-            if plan.want_deq:
+            if plan.deq:
                 u = torch.rand(shape, generator=gen)
                 deq.append(torch.cat([u, 1 - u], 1) if plan.antithetic else u)
         g = torch.cat(logsnr)
@@ -193,15 +201,15 @@ def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianRefe
     levels = data.levels
     eta = eps.reshape(len(g), -1).to(F64) @ ref.eigvecs  # the noise in eigen-coordinates, for the control variates
     out: dict[str, Tensor] = dict(zip(controls.NAMES, _moments(cells, levels).T, strict=True))
-    if plan.want_main:
+    if plan.main:
         resid = runner.residual(x, eps, g, cells.modes)
         out["gauss"] = ref.mmse_pointwise(cells.y, g)
         out["cv"] = ref.error_draw(cells.y, eta, g) - out["gauss"]  # mean zero: a control variate (spec §5)
         out["model"] = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
-        if plan.want_round and levels and cells.k is not None:
+        if "round" in plan.kinds and levels and cells.k is not None:
             rounder = channel.mse_rounded_soft if plan.rounding == "soft" else channel.mse_rounded_hard
             out["round"] = rounder(resid, cells.k, g, levels)
-    if plan.want_deq and levels and cells.deq is not None:
+    if plan.deq and levels and cells.deq is not None:
         half = 1.0 / (levels - 1)
         x_deq = x + 2 * half * (cells.deq - 0.5)
         resid_deq = runner.residual(x_deq, eps, g, cells.modes)
@@ -209,15 +217,23 @@ def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianRefe
         y_deq = ref.whiten(x_deq)
         out["gauss_deq"] = ref.mmse_pointwise(y_deq, g)
         out["cv_deq"] = ref.error_draw(y_deq, eta, g) - out["gauss_deq"]
+        low, high = _bound_pixels(cells, levels)
+        moments = controls.dequantization_moments(cells.deq, eps, g, 2 * half, low, high)
+        out.update(zip(controls.DEQ_NAMES, moments.T, strict=True))
     return out
+
+
+def _bound_pixels(cells: _Cells, levels: int | None) -> tuple[Tensor, Tensor]:
+    """Masks of the pixels at the lower and upper end of the grid (none for float data)."""
+    if cells.k is None or levels is None:
+        none = torch.zeros_like(cells.eps, dtype=torch.bool)
+        return none, none
+    return cells.k == 0, cells.k == levels - 1
 
 
 def _moments(cells: _Cells, levels: int | None) -> Tensor:
     """The noise draw's mean-zero moments per class of pixel (at the bounds of [−1, 1], inside), (cells, 12)."""
-    if cells.k is None or levels is None:
-        none = torch.zeros_like(cells.eps, dtype=torch.bool)
-        return controls.noise_moments(cells.eps, none, none)
-    return controls.noise_moments(cells.eps, cells.k == 0, cells.k == levels - 1)
+    return controls.noise_moments(cells.eps, *_bound_pixels(cells, levels))
 
 
 def _sharded(index: Tensor) -> bool:
@@ -298,7 +314,7 @@ def _evaluate(
 
 def evals_per_image(plan: Plan) -> int:
     """Network forwards per image and round: one per point and noise draw and pass (x itself, dequantized x)."""
-    return plan.points * plan.noises * (int(plan.want_main) + int(plan.want_deq))
+    return plan.points * plan.noises * (int(plan.main) + int(plan.deq))
 
 
 def default_batch_size(dim: int, device: torch.device | None = None) -> int:

@@ -1,0 +1,196 @@
+"""A run of estimator units: an optional pilot that fits the proposal, then rounds of points to a target error.
+
+Each image draws its own points per round; a pass (the network on x, on dequantized x) adds only the
+points its own estimators still need, as 1/√points predicts (docs/math.md, Rounds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from itdcli import runtime
+from itdcli.core import controls
+from itdcli.core import estimators as est
+from itdcli.core.gaussian import GaussianReference
+from itdcli.core.proposal import fit_adaptive
+from itdcli.core.units import bits_per_dim
+from itdcli.data import Dataset
+from itdcli.evaluation import engine, scoring, units
+from itdcli.models.base import Denoiser
+
+MIN_ROUND_POINTS = 8
+
+# The errors each pass records.
+PASS_ERRORS = {
+    "main": ("gauss", "cv", "model", "round", *controls.NAMES),
+    "deq": ("deq", "gauss_deq", "cv_deq", *controls.DEQ_NAMES, *controls.NAMES),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the rounds aim and choose: targets (bpd), caps, pilot size, selection, control variates."""
+
+    target: float | None
+    image_target: float | None
+    max_points: int
+    pilot_images: int
+    pilot_points: int
+    seed: int
+    selection: est.Selection
+    control_variate: bool
+    paper_clamp: bool = False
+
+
+def subset(n: int, limit: int | None, seed: int) -> Tensor:
+    """All image indices, or a seeded random subset of `limit` of them in index order (never just the first ones)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def inputs(dataset: Dataset, index: Tensor, ref: GaussianReference, plan: engine.Plan) -> units.Inputs:
+    """The scored images and the range, as the units' exact terms and tails read them."""
+    codes = dataset.x[index] if dataset.levels else None
+    p = plan.proposal
+    return units.Inputs(ref, dataset.values(index), codes, dataset.levels, p.logsnr_min, p.logsnr_max)
+
+
+class Run:
+    """The evaluation of the named estimators of one model on the images `index` of a dataset."""
+
+    def __init__(
+        self,
+        net: Denoiser,
+        dataset: Dataset,
+        ref: GaussianReference,
+        device: torch.device,
+        index: Tensor,
+        names: list[str],
+        settings: Settings,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """Hold the inputs; nothing is evaluated yet."""
+        self.net, self.dataset, self.ref, self.device, self.index = net, dataset, ref, device, index
+        self.names, self.settings, self.progress = names, settings, progress
+        self.evals = self.pilot_evals = 0.0
+        self.round_count = 0
+        self.done = 0
+
+    def _tick(self, n: int, total: int) -> None:
+        """Progress in points of this rank, against the points planned so far."""
+        self.done += n
+        if self.progress is not None and runtime.is_main():
+            self.progress(self.done, total)
+
+    def _evaluate(self, plan: engine.Plan, index: Tensor) -> tuple[engine.Curves, int]:
+        """One round of `plan` over `index`, counting network forwards and reporting progress."""
+        total = self.done + len(engine.local_rows(index)) * plan.points
+        curves = engine.evaluate(
+            self.net, self.dataset, self.ref, plan, self.device, index, lambda n: self._tick(n, total)
+        )
+        return curves, engine.evals_per_image(plan) * len(index)
+
+    def _rule(self, pilot: bool = False) -> scoring.Rule:
+        """The scoring rule of the rounds; the pilot reads the model's own integrands without controls."""
+        if pilot:
+            return scoring.Rule(control=False)
+        return scoring.Rule(control=self.settings.control_variate, paper_clamp=self.settings.paper_clamp)
+
+    def adapt(self, plan: engine.Plan) -> engine.Plan:
+        """A pilot on a seeded subset of the data fits the proposal to this model's integrands (its forwards count)."""
+        s = self.settings
+        # pilot images are drawn from the whole dataset, so the proposal does not depend on --limit
+        rows = subset(len(self.dataset), s.pilot_images, s.seed + 3)
+        pilot = replace(plan, points=s.pilot_points, stream=engine.PILOT_STREAM)
+        curves, evals = self._evaluate(pilot, rows)
+        self.pilot_evals = self.evals = float(evals)
+        raw = scoring.score(
+            curves,
+            inputs(self.dataset, rows, self.ref, plan),
+            plan.proposal,
+            self.names,
+            "none",
+            s.seed,
+            self._rule(True),
+        )
+        fitted = fit_adaptive(plan.proposal, curves.logsnr, list(raw.integrands.values()))
+        return replace(plan, proposal=fitted)
+
+    def _passes(self) -> dict[str, list[str]]:
+        """The estimators of each pass: the network on x (continuous, discrete), on dequantized x."""
+        passes: dict[str, list[str]] = {"main": [], "deq": []}
+        for u in units.units(self.names):
+            passes["deq" if "deq" in u.kinds else "main"].append(u.name)
+        return {p: names for p, names in passes.items() if names}
+
+    def rounds(self, plan: engine.Plan) -> tuple[dict[str, engine.Curves], scoring.Scores]:
+        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap)."""
+        passes = self._passes()
+        curves: dict[str, engine.Curves] = {}
+        want = dict.fromkeys(passes, plan.points)
+        while True:
+            for name, more in self._round(plan, want).items():
+                curves[name] = more if name not in curves else curves[name].extended(more)
+            self.round_count += 1
+            scores = self._score(curves, plan)
+            want = {p: self._next_round(scores, passes[p], int(curves[p].logsnr.shape[1])) for p in passes}
+            want = {p: k for p, k in want.items() if k > 0}
+            if not want:
+                return curves, scores
+
+    def _round(self, plan: engine.Plan, want: dict[str, int]) -> dict[str, engine.Curves]:
+        """One round: the passes share their points when they want as many, else each draws its own."""
+        stream = self.round_count
+        kinds = units.kinds(self.names)
+        deq, main = kinds & {"deq"}, kinds - {"deq"}
+        if len(set(want.values())) == 1:
+            chosen = (main if "main" in want else frozenset()) | (deq if "deq" in want else frozenset())
+            shared = replace(plan, points=next(iter(want.values())), stream=stream, kinds=chosen)
+            both, evals = self._evaluate(shared, self.index)
+            self.evals += evals
+            return {p: both.subset(PASS_ERRORS[p]) for p in want}
+        out = {}
+        for p, k in want.items():
+            one = replace(plan, points=k, stream=stream, kinds=main if p == "main" else deq)
+            out[p], evals = self._evaluate(one, self.index)
+            self.evals += evals
+        return out
+
+    def _score(self, curves: dict[str, engine.Curves], plan: engine.Plan) -> scoring.Scores:
+        """Every estimator of every pass, scored on that pass's points."""
+        passes = self._passes()
+        merged = scoring.Scores()
+        inp = inputs(self.dataset, self.index, self.ref, plan)
+        s = self.settings
+        for p, c in curves.items():
+            merged.merge(scoring.score(c, inp, plan.proposal, passes[p], s.selection, s.seed, self._rule()))
+        return merged
+
+    def _next_round(self, scores: scoring.Scores, names: list[str], done: int) -> int:
+        """Points per image a pass adds next, as 1/√points predicts for the targets; 0 once met or capped.
+
+        The dataset target bounds each estimator's Monte Carlo standard error; the per-image target, the root
+        mean square over images of their own errors (se/NAME). A round has at least MIN_ROUND_POINTS points,
+        so that it stays stratified.
+        """
+        s = self.settings
+        if (s.target is None and s.image_target is None) or done >= s.max_points:
+            return 0
+        dim = self.dataset.dim
+        ratio = 0.0
+        for e in (v for k, v in scores.estimates.items() if k.removesuffix("_paper_clamp") in names):
+            if s.target is not None:
+                ratio = max(ratio, bits_per_dim(e.stderr, dim) / s.target)
+            if s.image_target is not None:
+                per_image = math.sqrt(float(e.mc_var.clamp_min(0).mean()))
+                ratio = max(ratio, bits_per_dim(per_image, dim) / s.image_target)
+        if not ratio > 1:
+            return 0
+        wanted = math.ceil(done * (ratio**2 - 1))
+        return min(max(MIN_ROUND_POINTS, wanted + wanted % 2), s.max_points - done)
