@@ -68,10 +68,21 @@ def _pm(value: float, se: float | None) -> str:
     return f"{value:.4f}" if se is None else f"{value:.4f} ± {se:.4f}"
 
 
+def _tails(result: NllResult) -> str:
+    """The closed-form tails outside the range, in bpd: the left one (shared) and each estimator's right one."""
+    if not result.tails:
+        return ""
+    first = next(iter(result.tails.values()))
+    right = ", ".join(f"{name} {t.right_bpd:.4f}" for name, t in result.tails.items())
+    return f", tails in bpd: left {first.left_bpd:.4f}, right {right} (limit {first.limit_bpd:.4f} each)"
+
+
 def print_nll(result: NllResult) -> None:
     """The table of bits/dim per estimator, evaluations and time, then where the run was saved."""
     d = result.data
     title = f"{result.model} on {d.name} ({d.n_images} images, {result.points} logSNR points each)"
+    if result.bound == "paper-clamp":
+        title += "; paper clamp: switches to N(μ,Σ) per logSNR (an ensemble, not the model's own bound)"
     table = Table(title=title, title_justify="left")
     table.add_column("estimator")
     table.add_column("bits/dim", justify="right")
@@ -87,10 +98,12 @@ def print_nll(result: NllResult) -> None:
     aims += [f"± {result.target_image_stderr_bpd:g} per image"] if result.target_image_stderr_bpd else []
     target = f" (target {', '.join(aims)})" if aims else ""
     console.print(
-        f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}], {p.kind} proposal (loc {p.loc:.3f}, "
-        f"scale {p.scale:.3f}); {result.evals_per_image:.1f} network evaluations per image{rounds}{target}, "
-        f"pilot included; {result.seconds:.1f} s on {result.device}",
+        f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}]{_tails(result)}; {p.kind} proposal "
+        f"(loc {p.loc:.3f}, scale {p.scale:.3f}); {result.evals_per_image:.1f} network evaluations per image"
+        f"{rounds}{target}, pilot included; {result.seconds:.1f} s on {result.device}",
         highlight=False,
     )
+    for line in result.notes:
+        console.print(f"note: {line}", highlight=False)
     if result.run_dir:
         console.print(f"saved run: {result.run_dir}", highlight=False)

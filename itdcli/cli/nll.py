@@ -19,7 +19,9 @@ def nll_command(
     discrete: Annotated[bool, typer.Option("--discrete", help="Report the discrete −log P(x) estimate.")] = False,
     estimator: Annotated[
         str | None,
-        typer.Option(help="continuous, discrete, dequantized or all (default: all for discrete data)."),
+        typer.Option(
+            help="continuous, discrete, dequantized or all (default: discrete and dequantized on integer data)."
+        ),
     ] = None,
     points: o.BudgetOpt = None,
     target_stderr: Annotated[
@@ -45,6 +47,13 @@ def nll_command(
             help="Control variates: the Gaussian denoiser's error and noise moments on the same draw, a mean curve."
         ),
     ] = True,
+    paper_clamp: Annotated[
+        bool,
+        typer.Option(
+            "--paper-clamp",
+            help="The paper's max(0, mmse_G − m̄): switch to N(μ,Σ) per logSNR (an ensemble, named as such).",
+        ),
+    ] = False,
     precision: o.PrecisionOpt = "auto",
     compile_net: o.CompileOpt = False,
     seed: o.SeedOpt = 0,
@@ -93,6 +102,7 @@ def nll_command(
         "draws": draws,
         "antithetic": antithetic,
         "control_variate": control_variate,
+        "paper_clamp": paper_clamp,
         "precision": precision,
         "compile": compile_net,
         "seed": seed,
