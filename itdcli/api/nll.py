@@ -294,11 +294,13 @@ def nll(
     )
     run = rounds.Run(net, dataset, ref, device, index, names, settings, progress)
     start = time.perf_counter()
+    plans = run.plans(plan)
     if opts.adapt:
-        plan = run.adapt(plan)
-    curves, scores = run.rounds(plan)
+        plans = run.adapt(plans)
+    curves, scores = run.rounds(plans)
     seconds = time.perf_counter() - start
     main = curves["main"] if "main" in curves else curves["deq"]
+    plan = plans["main"] if "main" in plans else plans["deq"]
     proposal = plan.proposal
     tails = _tails(names, rounds.inputs(dataset, index, ref, plan), tail_limit(opts, dataset.dim))
     reported = list(scores.estimates)
@@ -314,18 +316,8 @@ def nll(
         ),
         model=_model_name(model),
         reference=_reference_info(resolved, opts),
-        proposal=ProposalInfo(
-            kind=proposal.kind,
-            loc=proposal.loc,
-            scale=proposal.scale,
-            scale_constant=opts.scale_constant,
-            clip=opts.clip,
-            logsnr_min=proposal.logsnr_min,
-            logsnr_max=proposal.logsnr_max,
-            scheme=opts.scheme,
-            edges=list(proposal.edges),
-            mass=list(proposal.mass),
-        ),
+        proposal=_proposal_info(proposal, opts),
+        deq_proposal=_proposal_info(plans["deq"].proposal, opts) if "deq" in plans and "main" in plans else None,
         points=int(main.logsnr.shape[1]),
         deq_points=int(curves["deq"].logsnr.shape[1]) if "deq" in curves else None,
         seed=opts.seed,
@@ -362,6 +354,22 @@ def nll(
     if opts.save:
         _save(result, opts.out, dataset.name)
     return result
+
+
+def _proposal_info(proposal: Proposal, opts: NllOptions) -> ProposalInfo:
+    """The proposal and range a pass used, as saved in result.json."""
+    return ProposalInfo(
+        kind=proposal.kind,
+        loc=proposal.loc,
+        scale=proposal.scale,
+        scale_constant=opts.scale_constant,
+        clip=opts.clip,
+        logsnr_min=proposal.logsnr_min,
+        logsnr_max=proposal.logsnr_max,
+        scheme=opts.scheme,
+        edges=list(proposal.edges),
+        mass=list(proposal.mass),
+    )
 
 
 def _tails(names: list[str], inp: units.Inputs, limit: float) -> dict[str, TailInfo]:

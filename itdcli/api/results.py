@@ -79,6 +79,7 @@ class NllResult(BaseModel):
     model: str
     reference: ReferenceInfo
     proposal: ProposalInfo
+    deq_proposal: ProposalInfo | None = None  # the dequantized pass's own proposal (same range), when fitted apart
     points: int
     deq_points: int | None = None
     seed: int

@@ -102,25 +102,33 @@ class Run:
             return scoring.Rule(control=False)
         return scoring.Rule(control=self.settings.control_variate, paper_clamp=self.settings.paper_clamp)
 
-    def adapt(self, plan: engine.Plan) -> engine.Plan:
-        """A pilot on a seeded subset of the data fits the proposal to this model's integrands (its forwards count)."""
+    def plans(self, plan: engine.Plan) -> dict[str, engine.Plan]:
+        """Each pass's plan: the network on x (continuous, discrete) and on dequantized x evaluate separately."""
+        kinds = units.kinds(self.names)
+        own = {"main": kinds - {"deq"}, "deq": kinds & {"deq"}}
+        return {p: replace(plan, kinds=frozenset(own[p])) for p in self._passes()}
+
+    def adapt(self, plans: dict[str, engine.Plan]) -> dict[str, engine.Plan]:
+        """A pilot on a seeded subset of the data fits each pass's proposal to its integrands (forwards count).
+
+        The passes run different networks inputs (x, dequantized x) whose integrands peak in different places,
+        so each gets its own Neyman allocation.
+        """
         s = self.settings
+        first = next(iter(plans.values()))
         # pilot images are drawn from the whole dataset, so the proposal does not depend on --limit
         rows = subset(len(self.dataset), s.pilot_images, s.seed + 3)
-        pilot = replace(plan, points=s.pilot_points, stream=engine.PILOT_STREAM)
+        kinds = frozenset().union(*(p.kinds for p in plans.values()))
+        pilot = replace(first, points=s.pilot_points, stream=engine.PILOT_STREAM, kinds=kinds)
         curves, evals = self._evaluate(pilot, rows)
         self.pilot_evals = self.evals = float(evals)
-        raw = scoring.score(
-            curves,
-            inputs(self.dataset, rows, self.ref, plan),
-            plan.proposal,
-            self.names,
-            "none",
-            s.seed,
-            self._rule(True),
-        )
-        fitted = fit_adaptive(plan.proposal, curves.logsnr, list(raw.integrands.values()))
-        return replace(plan, proposal=fitted)
+        inp = inputs(self.dataset, rows, self.ref, first)
+        fitted = {}
+        for p, names in self._passes().items():
+            raw = scoring.score(curves, inp, first.proposal, names, "none", s.seed, self._rule(True))
+            proposal = fit_adaptive(first.proposal, curves.logsnr, list(raw.integrands.values()))
+            fitted[p] = replace(plans[p], proposal=proposal)
+        return fitted
 
     def _passes(self) -> dict[str, list[str]]:
         """The estimators of each pass: the network on x (continuous, discrete), on dequantized x."""
@@ -129,46 +137,37 @@ class Run:
             passes["deq" if "deq" in u.kinds else "main"].append(u.name)
         return {p: names for p, names in passes.items() if names}
 
-    def rounds(self, plan: engine.Plan) -> tuple[dict[str, engine.Curves], scoring.Scores]:
-        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap)."""
+    def rounds(self, plans: dict[str, engine.Plan]) -> tuple[dict[str, engine.Curves], scoring.Scores]:
+        """Rounds of points until every reported Monte Carlo standard error meets the target (or the cap).
+
+        Each pass adds only the points its own estimators still need, so the dequantized pass (a second
+        forward per point) stops as soon as its estimate is precise enough.
+        """
         passes = self._passes()
         curves: dict[str, engine.Curves] = {}
-        want = dict.fromkeys(passes, plan.points)
+        want = {p: plan.points for p, plan in plans.items()}
         while True:
-            for name, more in self._round(plan, want).items():
-                curves[name] = more if name not in curves else curves[name].extended(more)
+            stream = self.round_count
+            for p, k in want.items():
+                more, evals = self._evaluate(replace(plans[p], points=k, stream=stream), self.index)
+                self.evals += evals
+                more = more.subset(PASS_ERRORS[p])
+                curves[p] = more if p not in curves else curves[p].extended(more)
             self.round_count += 1
-            scores = self._score(curves, plan)
+            scores = self._score(curves, plans)
             want = {p: self._next_round(scores, passes[p], int(curves[p].logsnr.shape[1])) for p in passes}
             want = {p: k for p, k in want.items() if k > 0}
             if not want:
                 return curves, scores
 
-    def _round(self, plan: engine.Plan, want: dict[str, int]) -> dict[str, engine.Curves]:
-        """One round: the passes share their points when they want as many, else each draws its own."""
-        stream = self.round_count
-        kinds = units.kinds(self.names)
-        deq, main = kinds & {"deq"}, kinds - {"deq"}
-        if len(set(want.values())) == 1:
-            chosen = (main if "main" in want else frozenset()) | (deq if "deq" in want else frozenset())
-            shared = replace(plan, points=next(iter(want.values())), stream=stream, kinds=chosen)
-            both, evals = self._evaluate(shared, self.index)
-            self.evals += evals
-            return {p: both.subset(PASS_ERRORS[p]) for p in want}
-        out = {}
-        for p, k in want.items():
-            one = replace(plan, points=k, stream=stream, kinds=main if p == "main" else deq)
-            out[p], evals = self._evaluate(one, self.index)
-            self.evals += evals
-        return out
-
-    def _score(self, curves: dict[str, engine.Curves], plan: engine.Plan) -> scoring.Scores:
-        """Every estimator of every pass, scored on that pass's points."""
+    def _score(self, curves: dict[str, engine.Curves], plans: dict[str, engine.Plan]) -> scoring.Scores:
+        """Every estimator of every pass, scored on that pass's points and proposal."""
         passes = self._passes()
         merged = scoring.Scores()
-        inp = inputs(self.dataset, self.index, self.ref, plan)
         s = self.settings
         for p, c in curves.items():
+            plan = plans[p]
+            inp = inputs(self.dataset, self.index, self.ref, plan)
             merged.merge(scoring.score(c, inp, plan.proposal, passes[p], s.selection, s.seed, self._rule()))
         return merged
 
