@@ -53,12 +53,6 @@ class EnsembleResult(BaseModel):
 def _check_compatible(results: Sequence[NllResult]) -> None:
     """Members must share data, images, points, seed and proposal, i.e. the same logSNR points and noise."""
     first = results[0]
-    for r in results:
-        if "deq/logsnr" in r.arrays:
-            raise ItdError(
-                f"the run of '{r.model}' gave its dequantized estimator points of its own (rounds to a target): "
-                "rerun it with --points N, or let itd ensemble compute it"
-            )
     for r in results[1:]:
         same = (
             r.data.sha256 == first.data.sha256
@@ -69,7 +63,13 @@ def _check_compatible(results: Sequence[NllResult]) -> None:
         if not same:
             raise ItdError(
                 f"runs of '{first.model}' and '{r.model}' do not share data, points, seed and logSNR range: "
-                "rerun them with the same itd nll options, or let itd ensemble compute them"
+                "rerun them with the same itd nll options and --points N --no-adapt, or let itd ensemble compute them"
+            )
+    for r in results:
+        if "deq/logsnr" in r.arrays:
+            raise ItdError(
+                f"the run of '{r.model}' gave its dequantized estimator points of its own (its own proposal "
+                "or rounds): rerun it with --points N --no-adapt, or let itd ensemble compute it"
             )
 
 
