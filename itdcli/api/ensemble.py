@@ -125,10 +125,14 @@ def _winners(curves: Any, proposal: Any, scores: Any) -> dict[str, list[Interval
     table: dict[str, list[Interval]] = {}
     for family, choice in scores.choice.items():
         names = scores.candidates[family]
-        table[family] = [
-            Interval(logsnr_from=lo, logsnr_to=hi, member=names[k].split("/")[0])
-            for lo, hi, k in winners(curves, proposal, choice)
-        ]
+        spans: list[Interval] = []
+        for lo, hi, k in winners(curves, proposal, choice):
+            member = names[k].split("/")[0]  # a member's projections (rounded, clamped) are one member
+            if spans and spans[-1].member == member:
+                spans[-1].logsnr_to = hi
+            else:
+                spans.append(Interval(logsnr_from=lo, logsnr_to=hi, member=member))
+        table[family] = spans
     return table
 
 
