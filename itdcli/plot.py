@@ -48,13 +48,19 @@ def reference_series(eigvals: Tensor, lo: float, hi: float) -> list[Series]:
 
 
 def ensemble_series(arrays: dict[str, Tensor], eigvals: Tensor) -> list[tuple[Series, Series]]:
-    """Per estimator kind, the ensemble's chosen-error curve and the N(μ, Σ) curve at the same logSNR (to shade)."""
+    """Per estimator kind, the ensemble's chosen-error curve and the N(μ, Σ) curve at the same logSNR (to shade).
+
+    Points are drawn in logSNR order: columns of several rounds interleave.
+    """
     x = arrays["ensemble/logsnr"].to(torch.float64).mean(0)
+    order = x.argsort()
+    x = x[order]
     dim = eigvals.numel()
     ref = Series("", x, mmse_gaussian(x, eigvals) / dim)
-    kinds = [k for k in ("continuous", "discrete") if f"ensemble/{k}" in arrays]
+    kinds = [k for k in ("continuous", "discrete", "dequantized") if f"ensemble/{k}" in arrays]
     return [
-        (Series(f"ensemble ({k})", x, arrays[f"ensemble/{k}"].to(torch.float64).mean(0) / dim, "-"), ref) for k in kinds
+        (Series(f"ensemble ({k})", x, arrays[f"ensemble/{k}"].to(torch.float64).mean(0)[order] / dim, "-"), ref)
+        for k in kinds
     ]
 
 

@@ -48,3 +48,19 @@ def test_bad_figure_paths(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     assert code == 2 and "--data" in err
     code, _, err = run(["curve", str(tmp_path), "--out", str(tmp_path / "y.pdf")], capsys)
     assert code == 2 and "not an itd run folder" in err
+
+
+def test_curve_series_are_drawn_in_logsnr_order_when_rounds_interleave_columns() -> None:
+    """Columns of two rounds (0, 2, 4 then 1, 3, 5) must be drawn by logSNR, not by column."""
+    import torch
+
+    from itdcli import plot
+
+    logsnr = torch.tensor([[0.0, 2.0, 4.0, 1.0, 3.0, 5.0]]).repeat(3, 1)
+    err = logsnr * 10
+    eig = torch.ones(4, dtype=torch.float64)
+    runs = plot.run_series("m", {"logsnr": logsnr, "mse/model": err}, 4, False)
+    ens = plot.ensemble_series({"ensemble/logsnr": logsnr, "ensemble/dequantized": err}, eig)
+    for series in (runs[0], ens[0][0], ens[0][1]):
+        assert torch.equal(series.logsnr, torch.arange(6, dtype=torch.float64))
+    assert torch.equal(ens[0][0].mse, torch.arange(6, dtype=torch.float64) * 10 / 4)
