@@ -23,7 +23,9 @@ def summed_variance(images: int, points: int) -> list[float]:
     """Σ over seeds of each estimator's squared Monte Carlo standard error."""
     total = [0.0] * len(ESTIMATORS)
     for seed in SEEDS:
-        r = itdcli.nll("digits_test", "digits", points=points, limit=images, seed=seed, adapt=False, save=False)
+        r = itdcli.nll(
+            "digits_test", "digits", points=points, limit=images, seed=seed, adapt=False, estimator="all", save=False
+        )
         for i, name in enumerate(ESTIMATORS):
             total[i] += (r.estimates[name].stderr_bpd or 0.0) ** 2
     return total
