@@ -226,6 +226,8 @@ def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: in
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
         arrays[f"se/{name}"] = e.mc_var.clamp_min(0).sqrt() / (dim * math.log(2))  # per-image Monte Carlo error
+        if e.df is not None:
+            arrays[f"df/{name}"] = e.df  # its degrees of freedom: a 95% interval is ± t_{0.975, df}·se
     return arrays
 
 

@@ -25,10 +25,11 @@ Selection = Literal["crossfit", "same", "none"]
 
 @dataclass(frozen=True)
 class Estimate:
-    """Per-image values (nats) with their Monte Carlo variances; the mean and its two standard errors."""
+    """Per-image values (nats), their Monte Carlo variances and those variances' effective degrees of freedom."""
 
     per_image: Tensor
     mc_var: Tensor
+    df: Tensor | None = None
 
     @property
     def mean(self) -> float:
@@ -49,7 +50,7 @@ class Estimate:
 
     def shifted(self, per_image: Tensor) -> Estimate:
         """The same Monte Carlo error around other per-image values (a constant or exact term added)."""
-        return Estimate(per_image, self.mc_var)
+        return Estimate(per_image, self.mc_var, self.df)
 
 
 def crossfit_folds(n: int, folds: int, generator: torch.Generator) -> Tensor:
@@ -157,6 +158,8 @@ def integral(weight: Tensor, values: Tensor, groups: Tensor, baseline: tuple[Ten
     Columns in one group of `groups` (J,) are exchangeable draws: var = Σ_g n_g/(n_g−1) Σ_{j∈g} (y_j − ȳ_g)² / J²,
     unbiased for i.i.d. points and for stratified points drawn two to a stratum (`cdf_points`). A `baseline`
     (g per cell, its exact ∫ g dγ per image; `CurveControl.baseline`) is subtracted in every cell and added back.
+    Each group's share v_g has n_g − 1 degrees of freedom; their sum has the Welch–Satterthwaite
+    ν = (Σ v_g)² / Σ v_g²/(n_g − 1) (Satterthwaite 1946): few when one stratum holds the variance.
     """
     zero = torch.zeros((), dtype=F64)
     g, exact = baseline if baseline is not None else (zero, zero)
@@ -167,7 +170,10 @@ def integral(weight: Tensor, values: Tensor, groups: Tensor, baseline: tuple[Ten
     mean_g = torch.zeros(y.shape[0], len(size), dtype=F64).index_add_(1, ids, y) / size
     square = torch.zeros_like(mean_g).index_add_(1, ids, (y - mean_g[:, ids]) ** 2)
     factor = torch.where(size > 1, size / (size - 1).clamp_min(1), torch.nan)
-    return Estimate(y.mean(1) + exact, (square * factor).sum(1) / j**2)
+    share = square * factor / j**2
+    var = share.sum(1)
+    df = var**2 / (share**2 / (size - 1).clamp_min(1)).sum(1).clamp_min(torch.finfo(F64).tiny)
+    return Estimate(y.mean(1) + exact, var, df)
 
 
 MIN_CELLS_PER_CONTROL = 10
