@@ -26,15 +26,17 @@ class Series:
 
 def run_series(label: str, arrays: dict[str, Tensor], dim: int, discrete: bool) -> list[Series]:
     """Column means over images of each saved error curve of one run, in logSNR order (rounds interleave)."""
+    from itdcli.evaluation.engine import Curves
+
     suffixes = {**CURVE_KINDS, "model": CLAMPED if discrete else ""}
+    passes = [Curves.from_arrays(arrays)] + ([Curves.from_arrays(arrays, "deq/")] if "deq/logsnr" in arrays else [])
     series = []
     for kind in CURVE_KINDS:
-        if f"mse/{kind}" not in arrays:
-            continue
-        x = arrays.get("deq/logsnr" if kind == "deq" else "logsnr", arrays["logsnr"]).to(torch.float64).mean(0)
-        order = x.argsort()
-        y = arrays[f"mse/{kind}"].to(torch.float64).mean(0) / dim
-        series.append(Series(label + suffixes[kind], x[order], y[order]))
+        for c in passes:
+            if kind in c.errors:
+                x = c.logsnr.mean(0)
+                order = x.argsort()
+                series.append(Series(label + suffixes[kind], x[order], c.errors[kind].mean(0)[order] / dim))
     return series
 
 

@@ -128,7 +128,7 @@ def test_the_dequantized_pass_stops_on_its_own_and_its_points_are_saved_apart(tm
     )
     a = run.arrays
     assert run.deq_points is not None and run.deq_points != run.points
-    assert a["deq/logsnr"].shape == a["mse/deq"].shape == (120, run.deq_points)
+    assert a["deq/logsnr"].shape == a["deq/mse/deq"].shape == (120, run.deq_points)
     assert a["logsnr"].shape == a["mse/model"].shape == a["mse/ctl_sq_low"].shape == (120, run.points)
     assert a["deq/mse/ctl_sq_low"].shape == (120, run.deq_points)
     assert all(e.stderr_bpd is not None and e.stderr_bpd <= 0.02 for e in run.estimates.values())

@@ -86,23 +86,18 @@ def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, d
     """One set of curves holding every member's errors and the Gaussian's, with candidates per estimator."""
     from itdcli.evaluation.engine import Curves
 
-    a = results[0].arrays
+    first = Curves.from_arrays(results[0].arrays)
     # the same for every member: same images, points and noise
     shared = ("gauss", "gauss_deq", "cv", "cv_deq", *controls.DEQ_NAMES, *controls.NAMES)
-    errors = {k: a[f"mse/{k}"].double() for k in shared if f"mse/{k}" in a}
+    errors = {k: v for k, v in first.errors.items() if k in shared}
     for label, r in zip(labels, results, strict=True):
-        errors.update({f"{label}/{k}": v.double() for k, v in _errors_of(r).items()})
+        own = Curves.from_arrays(r.arrays).errors
+        errors.update({f"{label}/{k}": own[k] for k in ("model", "round", "deq") if k in own})
     candidates = {
         kind: tuple(f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors)
         for kind, kinds in KINDS.items()
     }
-    curves = Curves(a["index"], a["logsnr"].double(), a["weight"].double(), errors, a["groups"])
-    return curves, candidates
-
-
-def _errors_of(r: NllResult) -> dict[str, torch.Tensor]:
-    """A run's own model errors (clamped or raw, rounded, dequantized)."""
-    return {k: r.arrays[f"mse/{k}"] for k in ("model", "round", "deq") if f"mse/{k}" in r.arrays}
+    return Curves(first.index, first.logsnr, first.weight, errors, first.groups), candidates
 
 
 def _select_means(curves: Any, rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -215,8 +215,10 @@ def _evaluator(opts: FinetuneOptions, setup: Any, state: Any, log: Callable[[dic
         }
         result = nll(opts.eval_data, network, save=False, **options)
         setup.denoiser.train()
-        a = result.arrays
-        gap = a["weight"] * (a["mse/model"].double() - setup.ref.mmse(a["logsnr"]))
+        from itdcli.evaluation.engine import Curves
+
+        c = Curves.from_arrays(result.arrays)
+        gap = c.weight * (c.errors["model"] - setup.ref.mmse(c.logsnr))
         dim = math.prod(result.data.shape) * math.log(2)
         latest.clear()
         latest.update({name: e.bpd for name, e in result.estimates.items()})

@@ -210,18 +210,20 @@ def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
 
 
 def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
-    """The per-image and per-cell arrays saved beside result.json (a separate dequantized pass under deq/)."""
+    """The per-image and per-cell arrays saved beside result.json; a dequantized pass on points of its own under deq/.
+
+    When both passes drew the same points, their errors are saved side by side at the top level.
+    """
     main = curves["main"] if "main" in curves else curves["deq"]
-    arrays = {"index": main.index, "logsnr": main.logsnr, "weight": main.weight, "eigvals": ref.eigvals}
-    arrays["groups"] = main.groups
+    arrays = {"index": main.index, "eigvals": ref.eigvals, **main.to_arrays()}
     deq = curves.get("deq")
-    split = deq is not None and deq is not main and not torch.equal(deq.logsnr, main.logsnr)
-    if deq is not None and split:
-        arrays.update({"deq/logsnr": deq.logsnr, "deq/weight": deq.weight, "deq/groups": deq.groups})
-    for c in curves.values():
-        # errors both passes record (the noise moments) are the dequantized pass's own under deq/ when split
-        own = "deq/" if split and c is deq else ""
-        arrays.update({f"{own if k in main.errors else ''}mse/{k}": v.to(torch.float32) for k, v in c.errors.items()})
+    if deq is not None and deq is not main:
+        same = torch.equal(deq.logsnr, main.logsnr)
+        arrays.update(
+            deq.subset(tuple(k for k in deq.errors if k not in main.errors or not same)).to_arrays()
+            if same
+            else deq.to_arrays("deq/")
+        )
     arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))

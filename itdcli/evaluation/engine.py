@@ -74,6 +74,25 @@ class Curves:
     errors: dict[str, Tensor] = field(default_factory=dict)
     groups: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
+    def to_arrays(self, prefix: str = "") -> dict[str, Tensor]:
+        """The saved form (arrays.safetensors): logsnr, weight, groups and mse/NAME in float32, under `prefix`."""
+        arrays = {f"{prefix}logsnr": self.logsnr, f"{prefix}weight": self.weight, f"{prefix}groups": self.groups}
+        arrays.update({f"{prefix}mse/{k}": v.to(torch.float32) for k, v in self.errors.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Tensor], prefix: str = "") -> Curves:
+        """The curves a run saved with `to_arrays` (errors in float64), with the run's image index."""
+        start = f"{prefix}mse/"
+        errors = {k[len(start) :]: v.double() for k, v in arrays.items() if k.startswith(start)}
+        return cls(
+            arrays["index"],
+            arrays[f"{prefix}logsnr"].double(),
+            arrays[f"{prefix}weight"].double(),
+            errors,
+            arrays[f"{prefix}groups"],
+        )
+
     def subset(self, names: tuple[str, ...]) -> Curves:
         """The same points with only the named errors."""
         errors = {k: v for k, v in self.errors.items() if k in names}

@@ -59,7 +59,8 @@ def test_curve_series_are_drawn_in_logsnr_order_when_rounds_interleave_columns()
     logsnr = torch.tensor([[0.0, 2.0, 4.0, 1.0, 3.0, 5.0]]).repeat(3, 1)
     err = logsnr * 10
     eig = torch.ones(4, dtype=torch.float64)
-    runs = plot.run_series("m", {"logsnr": logsnr, "mse/model": err}, 4, False)
+    saved = {"index": torch.arange(3), "logsnr": logsnr, "weight": logsnr, "groups": torch.arange(6), "mse/model": err}
+    runs = plot.run_series("m", saved, 4, False)
     ens = plot.ensemble_series({"ensemble/logsnr": logsnr, "ensemble/dequantized": err}, eig)
     for series in (runs[0], ens[0][0], ens[0][1]):
         assert torch.equal(series.logsnr, torch.arange(6, dtype=torch.float64))
