@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from itdcli.api.curve import curve
     from itdcli.api.ensemble import EnsembleResult, ensemble
     from itdcli.api.finetune import FinetuneOptions, FinetuneResult, finetune
-    from itdcli.api.nll import NllOptions, nll
+    from itdcli.api.nll import nll
+    from itdcli.api.options import NllOptions
     from itdcli.api.results import CurveResult, NllResult
     from itdcli.core.gaussian import GaussianReference
     from itdcli.data import Dataset, load_data
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "nll": "itdcli.api.nll",
-    "NllOptions": "itdcli.api.nll",
+    "NllOptions": "itdcli.api.options",
     "curve": "itdcli.api.curve",
     "ensemble": "itdcli.api.ensemble",
     "EnsembleResult": "itdcli.api.ensemble",

@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from itdcli.core.kinds import PrecisionName
 from itdcli.errors import ItdError
 
 EVAL_PRECISION = "float32 network, TF32 off, float64 reductions"
 T = TypeVar("T")
 Mode = Literal["bf16", "tf32", "fp32"]
-PrecisionName = Literal["auto", "fp32", "policy", "bf16"]
 # Highest logSNR at which each format keeps the estimates within the 0.002 bpd budget, measured with
 # benchmarks/precision.py on the bundled digits model (128 images; CPU bf16 arithmetic, TF32 emulated by
 # rounding matmul operands): the running mean absolute change of the rounded integrand reaches 0.001 bpd at

@@ -242,7 +242,8 @@ def finetune(
     network is built from `arch`. `log(entry)` receives each metrics line as it is written to metrics.jsonl.
     """
     from itdcli import runtime, train
-    from itdcli.api.nll import PAPER_CLIP, NllOptions, _check_input_shape, make_proposal, resolve_reference
+    from itdcli.api.nll import PAPER_CLIP, _check_input_shape, make_proposal, resolve_reference
+    from itdcli.api.options import NllOptions
     from itdcli.data import load_data
     from itdcli.models import checkpoints
 

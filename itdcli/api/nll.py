@@ -12,21 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from itdcli import runtime
 from itdcli.api import records
+from itdcli.api.options import NllOptions
 from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo, TailInfo
 from itdcli.core import estimators as est
 from itdcli.core import tails
 from itdcli.core.gaussian import GaussianReference
-from itdcli.core.proposal import (
-    PAPER_SCALE_CONSTANT,
-    BaseProposalKind,
-    PointScheme,
-    Proposal,
-    logistic_from_spectrum,
-)
+from itdcli.core.proposal import Proposal, logistic_from_spectrum
 from itdcli.core.units import bits_per_dim
 from itdcli.errors import ItdError
 from itdcli.evaluation import rounds, units
@@ -38,48 +32,6 @@ DEFAULT_TARGET_STDERR = 0.005
 FIRST_ROUND_POINTS = 16
 TAIL_SHARE = 0.1  # each closed-form tail is kept below this share of the target error
 PAPER_CLIP = 4.0
-
-
-class NllOptions(BaseModel):
-    """Every setting of an `itd nll` run except the data, model and reference."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    estimator: EstimatorChoice | None = None
-    discrete: bool = False
-    points: PositiveInt | None = None
-    target_stderr: float | None = Field(None, gt=0)
-    target_image_stderr: float | None = Field(None, gt=0)
-    max_points: PositiveInt = 1024
-    adapt: bool = True
-    pilot_points: PositiveInt = 8
-    pilot_images: PositiveInt = 64
-    draws: PositiveInt = 1
-    antithetic: bool = False
-    control_variate: bool = True
-    paper_clamp: bool = False
-    precision: runtime.PrecisionName = "auto"
-    channels_last: bool | None = None
-    compile: bool = False
-    seed: int = Field(0, ge=0)
-    batch_size: PositiveInt | None = None
-    device: str = "auto"
-    limit: PositiveInt | None = None
-    selection: est.Selection = "crossfit"
-    rounding: Literal["soft", "hard"] = "soft"
-    scheme: PointScheme = "stratified"
-    proposal: BaseProposalKind = "logistic"
-    scale_constant: float = Field(PAPER_SCALE_CONSTANT, gt=0)
-    clip: float | None = Field(None, gt=0)
-    logsnr_min: float | None = None
-    logsnr_max: float | None = None
-    loc: float | None = None
-    scale: float | None = Field(None, gt=0)
-    levels: int | None = Field(None, ge=2)
-    time_map: Literal["exact", "reference"] = "exact"
-    out: Path | None = None
-    overwrite: bool = False
-    save: bool = True
 
 
 def _estimator_names(opts: NllOptions, discrete_data: bool) -> list[str]:

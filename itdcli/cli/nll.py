@@ -4,6 +4,7 @@ from typing import Annotated, Any
 
 import typer
 
+from itdcli.api.options import default
 from itdcli.cli import _options as o
 from itdcli.cli._render import err_console, print_nll, progress_bar
 
@@ -35,18 +36,25 @@ def nll_command(
             "over images; e.g. 0.02 for outlier scores)."
         ),
     ] = None,
-    max_points: Annotated[int, typer.Option(help="Most logSNR points per image when aiming at a target.")] = 1024,
+    max_points: Annotated[
+        int | None,
+        typer.Option(help=f"Most logSNR points per image when aiming at a target (default {default('max_points')})."),
+    ] = None,
     adapt: Annotated[
-        bool, typer.Option(help="Fit the logSNR proposal to the model's integrands in a short pilot pass.")
-    ] = True,
-    draws: Annotated[int, typer.Option(help="Noise draws per logSNR point.")] = 1,
+        bool | None,
+        typer.Option(help="Fit the logSNR proposal to the model's integrands in a short pilot pass (default: on)."),
+    ] = None,
+    draws: Annotated[
+        int | None, typer.Option(help=f"Noise draws per logSNR point (default {default('draws')}).")
+    ] = None,
     antithetic: Annotated[bool, typer.Option("--antithetic", help="Evaluate every noise draw also at −ε.")] = False,
     control_variate: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Control variates: the Gaussian denoiser's error and noise moments on the same draw, a mean curve."
+            help="Control variates: the Gaussian denoiser's error and noise moments on the same draw, a mean curve "
+            "(default: on)."
         ),
-    ] = True,
+    ] = None,
     paper_clamp: Annotated[
         bool,
         typer.Option(
@@ -54,17 +62,34 @@ def nll_command(
             help="The paper's max(0, mmse_G − m̄): switch to N(μ,Σ) per logSNR (an ensemble, named as such).",
         ),
     ] = False,
-    precision: o.PrecisionOpt = "auto",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Network precision: auto (the per-logSNR policy on CUDA, fp32 on CPU), policy, fp32 or bf16 "
+            f"(default {default('precision')})."
+        ),
+    ] = None,
     compile_net: o.CompileOpt = False,
-    seed: o.SeedOpt = 0,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Seed for logSNR points, noise and subsets (default {default('seed')}).")
+    ] = None,
     batch_size: o.BatchOpt = None,
-    device: o.DeviceOpt = "auto",
+    device: Annotated[
+        str | None, typer.Option(help=f"cpu, cuda, cuda:N or auto (default {default('device')}).")
+    ] = None,
     limit: o.LimitOpt = None,
     reference: o.ReferenceOpt = None,
     selection: Annotated[
-        str, typer.Option(help="Per-logSNR choice of denoiser: crossfit (held out), same (paper), none.")
-    ] = "crossfit",
-    rounding: Annotated[str, typer.Option(help="soft or hard rounding for the discrete estimator.")] = "soft",
+        str | None,
+        typer.Option(
+            help="Per-logSNR choice among the model's projections: crossfit (held out), same (paper), none "
+            f"(default {default('selection')})."
+        ),
+    ] = None,
+    rounding: Annotated[
+        str | None,
+        typer.Option(help=f"soft or hard rounding for the discrete estimator (default {default('rounding')})."),
+    ] = None,
     scale_constant: Annotated[
         float | None, typer.Option(help="c in scale = √(1 + c·Var log λ) (default: 3/π, the paper's).")
     ] = None,
@@ -75,21 +100,27 @@ def nll_command(
         typer.Option(help="Range loc ± clip·scale, the paper's (default: from the tails; 4 with --loc or --scale)."),
     ] = None,
     scheme: Annotated[
-        str, typer.Option(help="logSNR points per image: stratified or iid (the paper's).")
-    ] = "stratified",
+        str | None,
+        typer.Option(help=f"logSNR points per image: stratified or iid, the paper's (default {default('scheme')})."),
+    ] = None,
     logsnr_min: Annotated[float | None, typer.Option(help="Lower end of the logSNR range.")] = None,
     logsnr_max: Annotated[float | None, typer.Option(help="Upper end of the logSNR range.")] = None,
     levels: o.LevelsOpt = None,
     time_map: Annotated[
-        str, typer.Option(help="logSNR → model time: exact, or reference (the ITD code's, for reproducing the paper).")
-    ] = "exact",
+        str | None,
+        typer.Option(
+            help="logSNR → model time: exact, or reference (the ITD code's, for reproducing the paper) "
+            f"(default {default('time_map')})."
+        ),
+    ] = None,
     out: o.OutDirOpt = None,
     overwrite: o.OverwriteOpt = False,
     json_out: o.JsonOpt = False,
 ) -> None:
     """Estimate −log p(x) and −log P(x) in bits/dim with honest standard errors."""
     from itdcli import runtime
-    from itdcli.api.nll import NllOptions, nll
+    from itdcli.api.nll import nll
+    from itdcli.api.options import NllOptions
 
     fields: dict[str, Any] = {
         "estimator": estimator,

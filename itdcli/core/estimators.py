@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from itdcli.core.kinds import Selection
+
 F64 = torch.float64
-Selection = Literal["crossfit", "same", "none"]
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-F64 = torch.float64
-PAPER_SCALE_CONSTANT = 3 / math.pi
-MOMENT_SCALE_CONSTANT = 3 / math.pi**2
+from itdcli.core.kinds import PAPER_SCALE_CONSTANT, PointScheme, ProposalKind
 
-BaseProposalKind = Literal["logistic", "uniform"]
-ProposalKind = Literal["logistic", "uniform", "adaptive"]
-PointScheme = Literal["stratified", "iid"]
+F64 = torch.float64
+MOMENT_SCALE_CONSTANT = 3 / math.pi**2
 
 
 @dataclass(frozen=True)

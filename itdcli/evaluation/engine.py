@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,14 +18,14 @@ from torch import Tensor
 from itdcli import runtime
 from itdcli.core import channel, controls
 from itdcli.core.gaussian import GaussianReference
-from itdcli.core.proposal import PointScheme, Proposal, cdf_points, stratum_groups
+from itdcli.core.kinds import PointScheme, Rounding
+from itdcli.core.proposal import Proposal, cdf_points, stratum_groups
 from itdcli.data import Dataset
 from itdcli.data.dataset import level_values
 from itdcli.errors import ItdError
 from itdcli.models.base import Denoiser
 
 F64 = torch.float64
-Rounding = Literal["soft", "hard"]
 PILOT_STREAM = -1
 
 

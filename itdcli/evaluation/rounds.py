@@ -15,8 +15,8 @@ from torch import Tensor
 
 from itdcli import runtime
 from itdcli.core import controls
-from itdcli.core import estimators as est
 from itdcli.core.gaussian import GaussianReference
+from itdcli.core.kinds import Selection
 from itdcli.core.proposal import fit_adaptive
 from itdcli.core.units import bits_per_dim
 from itdcli.data import Dataset
@@ -42,7 +42,7 @@ class Settings:
     pilot_images: int
     pilot_points: int
     seed: int
-    selection: est.Selection
+    selection: Selection
     control_variate: bool
     paper_clamp: bool = False
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from itdcli.core import estimators as est
 from itdcli.core import tails
+from itdcli.core.kinds import Selection
 from itdcli.core.proposal import Proposal
 from itdcli.evaluation import units
 from itdcli.evaluation.engine import Curves
@@ -80,7 +81,7 @@ def _pick(
     curves: Curves,
     unit: units.Unit,
     folds: Tensor,
-    selection: est.Selection,
+    selection: Selection,
     out: Scores,
     rule: Rule,
     proposal: Proposal,
@@ -103,7 +104,7 @@ def _pick(
     if not rule.control:
         return est.chosen(crossfit, choice), None
     own = torch.zeros_like(crossfit[0])
-    within: est.Selection = "none" if selection == "none" else "same"
+    within: Selection = "none" if selection == "none" else "same"
     for fold in range(int(folds.max()) + 1):
         rows = folds == fold
         sub = _corrected(stack[:, rows], names, None if cv is None else cv[:, rows], curves.weight[rows], cv_bins[rows])
@@ -129,7 +130,7 @@ def _corrected(
 
 
 def _choice(
-    stack: Tensor, names: tuple[str, ...], folds: Tensor, selection: est.Selection, bins: Tensor, rule: Rule
+    stack: Tensor, names: tuple[str, ...], folds: Tensor, selection: Selection, bins: Tensor, rule: Rule
 ) -> Tensor:
     """Per cell, the chosen candidate: by `selection` over these cells, or by the rule's separate selection means."""
     if rule.select_means is None:
@@ -194,7 +195,7 @@ def score(
     inp: units.Inputs,
     proposal: Proposal,
     names: list[str],
-    selection: est.Selection,
+    selection: Selection,
     seed: int,
     rule: Rule | None = None,
 ) -> Scores:

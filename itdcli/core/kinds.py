@@ -1,0 +1,17 @@
+"""The named choices of the estimators and the runtime, as types (no torch: the CLI reads them for its help)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+PAPER_SCALE_CONSTANT = 3 / math.pi  # c in scale = √(1 + c·Var log λ), the reference code's (spec §6.2)
+
+Selection = Literal["crossfit", "same", "none"]
+PointScheme = Literal["stratified", "iid"]
+BaseProposalKind = Literal["logistic", "uniform"]
+ProposalKind = Literal["logistic", "uniform", "adaptive"]
+PrecisionName = Literal["auto", "fp32", "policy", "bf16"]
+Rounding = Literal["soft", "hard"]
+EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
+TimeMapName = Literal["exact", "reference"]
