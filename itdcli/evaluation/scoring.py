@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from itdcli.core import estimators as est
-from itdcli.core import tails
 from itdcli.core.kinds import Selection
 from itdcli.core.proposal import Proposal
 from itdcli.evaluation import units
@@ -225,8 +224,7 @@ def score(
             bins = _bins(curves, proposal, MIN_SELECT_BINS)
             out.worse[name] = _worse(e - errors[unit.reference], bins, proposal, MIN_SELECT_BINS)
         if unit.decoder == "identity" and (not inp.levels or unit.family == "dequantized"):
-            identity = tails.identity_tail(inp.logsnr_max, inp.ref.log_eigvals)
-            missing = _missing_above(e, cells, proposal, inp.ref.dim, identity)
+            missing = _missing_above(e, curves.logsnr, proposal, inp.ref.dim)
             out.missing[name] = missing / (inp.ref.dim * math.log(2))
     return out
 
@@ -250,20 +248,17 @@ def _worse(excess: Tensor, bins: Tensor, proposal: Proposal, count: int) -> list
     return spans
 
 
-def _missing_above(err: Tensor, cells: units.Cells, proposal: Proposal, dim: int, identity_tail: float) -> float:
+def _missing_above(err: Tensor, logsnr: Tensor, proposal: Proposal, dim: int) -> float:
     """Mass the identity decoder above γ_R may give away, ½∫_{γ_R}^∞ (d − m) dγ, in nats per image.
 
-    In the cells within EDGE_WINDOW of γ_R, the model's advantage over the identity, ½(d − m) less two standard
-    errors, is compared with the linear denoiser's, ½(d − mmse_G); the linear denoiser's own missing mass is the
-    closed-form identity tail. The model's is that tail scaled by the ratio, and doubled for densities whose
-    advantage decays like e^{−γ/2} rather than e^{−γ} (a bounded support). Zero where the model does no better
-    than the identity.
+    The model's advantage over the identity near the top, ½(d − m) less two standard errors in the cells within
+    EDGE_WINDOW of γ_R, is extrapolated with the slowest decay a bounded density shows, e^{−(γ − γ_R)/2} (the
+    factor 2): a density with a jump, such as uniform dequantization of isolated levels, decays that slowly.
+    Zero when the model is no better than the identity there.
     """
     reach = EDGE_WINDOW * (proposal.logsnr_max - proposal.logsnr_min)
-    near = cells.logsnr >= proposal.logsnr_max - reach
-    advantage = (0.5 * (dim - err.to(torch.float64)))[near]
-    linear = (0.5 * (dim - cells.mmse_g.to(torch.float64)))[near]
-    if advantage.numel() < 3 or float(linear.mean()) <= 0:
+    advantage = (0.5 * (dim - err.to(torch.float64)))[logsnr >= proposal.logsnr_max - reach]
+    if advantage.numel() < 3:
         return 0.0
-    model = float(advantage.mean()) - 2 * float(advantage.std()) / math.sqrt(advantage.numel())
-    return max(0.0, 2 * identity_tail * model / float(linear.mean()))
+    mean, se = float(advantage.mean()), float(advantage.std()) / math.sqrt(advantage.numel())
+    return max(0.0, 2 * (mean - 2 * se))
