@@ -23,12 +23,27 @@ RESULT_FILE = "result.json"
 ARRAYS_FILE = "arrays.safetensors"
 
 
+RUN_ENTRIES = frozenset({RESULT_FILE, ARRAYS_FILE, "ensemble.json", "members"})  # what an itd run folder holds
+
+
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless `overwrite`, and a location that cannot be written, before any work."""
+    """Refuse an existing output unless `overwrite`, and a location that cannot be written, before any work.
+
+    `overwrite` replaces only an itd run folder (or an empty one): a folder holding anything itd did not write
+    is refused, naming the first such entry, so that nothing of the user's is ever deleted.
+    """
     if out.exists() and not overwrite:
         raise ItdError(f"output '{out}' already exists: choose another --out or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ItdError(f"output '{out}' is a file, not a run folder: choose another --out")
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign or (any(out.iterdir()) and not ((out / RESULT_FILE).exists() or (out / "ensemble.json").exists())):
+            name = foreign[0] if foreign else next(out.iterdir()).name
+            raise ItdError(
+                f"'{out}' holds '{name}', which is not part of an itd run: --overwrite replaces only an itd run "
+                "folder; choose another --out"
+            )
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

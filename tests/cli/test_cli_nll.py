@@ -95,3 +95,15 @@ def test_performance_options_reach_the_run(capsys: pytest.CaptureFixture[str]) -
     result = json.loads(out)
     assert code == 0 and result["draws"] == 2 and result["target_stderr_bpd"] is None
     assert result["evals_per_image"] == 8 * 2 * 2  # points × draws × (x and dequantized x)
+
+
+def test_overwrite_never_deletes_what_itd_did_not_write(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--overwrite` on a folder of the user's is refused in one line naming the foreign file, which survives."""
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "thesis.tex").write_text("x\n")
+    code, _, err = run(["nll", "digits_test", *FAST, "--out", str(user), "--overwrite"], capsys)
+    assert code == 2 and "thesis.tex" in err and len(err.strip().splitlines()) == 1
+    assert (user / "thesis.tex").read_text() == "x\n"
+    code, _, err = run(["nll", "digits_test", *FAST, "--out", str(tmp_path), "--overwrite"], capsys)
+    assert code == 2 and "userdir" in err and (user / "thesis.tex").exists()
