@@ -16,6 +16,7 @@ import torch
 from itdcli import runtime
 from itdcli.api import records
 from itdcli.api.options import NllOptions
+from itdcli.api.options import parse as parse_options
 from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo, TailInfo
 from itdcli.core import estimators as est
 from itdcli.core import tails
@@ -206,7 +207,7 @@ def nll(
     from itdcli.evaluation import engine
     from itdcli.models import load_model
 
-    opts = NllOptions(**options)
+    opts = parse_options(options)
     if opts.out is not None:
         records.check_out_dir(opts.out, opts.overwrite)
     dataset = load_data(data, levels=opts.levels)

@@ -6,8 +6,9 @@ No torch here, so that `itd --help` stays instant.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from itdcli.core.kinds import (
     PAPER_SCALE_CONSTANT,
@@ -19,6 +20,9 @@ from itdcli.core.kinds import (
     Selection,
     TimeMapName,
 )
+from itdcli.errors import ItdOptionError
+
+Count = Annotated[StrictInt, Field(gt=0)]  # True is no count: booleans are refused for integers
 
 
 class NllOptions(BaseModel):
@@ -28,24 +32,24 @@ class NllOptions(BaseModel):
 
     estimator: EstimatorChoice | None = None
     discrete: bool = False
-    points: PositiveInt | None = None
+    points: Count | None = None
     target_stderr: float | None = Field(None, gt=0)
     target_image_stderr: float | None = Field(None, gt=0)
-    max_points: PositiveInt = 1024
+    max_points: Count = 1024
     adapt: bool = True
-    pilot_points: PositiveInt = 8
-    pilot_images: PositiveInt = 64
-    draws: PositiveInt = 1
+    pilot_points: Count = 8
+    pilot_images: Count = 64
+    draws: Count = 1
     antithetic: bool = False
     control_variate: bool = True
     paper_clamp: bool = False
     precision: PrecisionName = "auto"
     channels_last: bool | None = None
     compile: bool = False
-    seed: int = Field(0, ge=0)
-    batch_size: PositiveInt | None = None
+    seed: StrictInt = Field(0, ge=0)
+    batch_size: Count | None = None
     device: str = "auto"
-    limit: PositiveInt | None = None
+    limit: Count | None = None
     selection: Selection = "crossfit"
     rounding: Rounding = "soft"
     scheme: PointScheme = "stratified"
@@ -56,11 +60,28 @@ class NllOptions(BaseModel):
     logsnr_max: float | None = None
     loc: float | None = None
     scale: float | None = Field(None, gt=0)
-    levels: int | None = Field(None, ge=2)
+    levels: StrictInt | None = Field(None, ge=2)
     time_map: TimeMapName = "exact"
     out: Path | None = None
     overwrite: bool = False
     save: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NllOptions:
+        """Refuse options that contradict each other."""
+        if self.out is not None and not self.save:
+            raise ValueError("out is given but save is False: drop one of them")
+        return self
+
+
+def parse(options: dict[str, Any]) -> NllOptions:
+    """Validated options; an invalid one raises ItdOptionError naming its field."""
+    try:
+        return NllOptions(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "options"
+        raise ItdOptionError(field, first["msg"].removeprefix("Value error, ")) from None
 
 
 def default(name: str) -> object:

@@ -21,6 +21,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    """Print the version and stop (an eager option)."""
+    if value:
+        from itdcli import __version__
+
+        typer.echo(f"itd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Information-theoretic diffusion likelihoods: bits/dim, MMSE curves and per-image scores."""
+
+
 app.command("nll")(nll_command)
 app.command("curve")(curve_command)
 app.command("download")(download_command)
@@ -72,8 +90,11 @@ def _fail_known(exc: Exception) -> None:
     """Map an exception to its one-line message and exit code."""
     from pydantic import ValidationError
 
-    from itdcli.errors import ItdError, ItdInterrupted
+    from itdcli.errors import ItdError, ItdInterrupted, ItdOptionError
 
+    if isinstance(exc, ItdOptionError):
+        flag = "--" + exc.field.replace("_", "-") if exc.field != "options" else "options"
+        _fail(f"invalid {flag}: {exc.problem}", EXIT_USAGE)
     if isinstance(exc, ItdInterrupted):
         _fail(str(exc), EXIT_INTERRUPTED)
     if isinstance(exc, ItdError):

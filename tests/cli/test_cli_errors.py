@@ -161,3 +161,27 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_files(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+def test_the_python_api_raises_itd_errors_naming_the_field_and_refuses_booleans_and_contradictions(
+    tmp_path: Path,
+) -> None:
+    import itdcli
+    from itdcli.errors import ItdOptionError
+
+    cases = [({"points": True}, "points"), ({"points": -3}, "points"), ({"selection": "best"}, "selection")]
+    cases += [({"out": tmp_path / "r", "save": False}, "options"), ({"seed": False}, "seed")]
+    for options, field in cases:
+        with pytest.raises(ItdOptionError) as info:
+            itdcli.nll("digits_test", "gaussian", **options)
+        assert info.value.field == field, (options, info.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from itdcli import __version__
+    from itdcli.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"itd {__version__}"
