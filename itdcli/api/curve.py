@@ -83,6 +83,7 @@ def curve(
     os.close(fd)
     try:
         plot.draw(series, f"ε-MSE curves on {title}", Path(tmp), shade)
+        records.publish_mode(Path(tmp))
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -74,13 +74,24 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _publish_modes(folder: Path) -> None:
-    """Give a mkdtemp folder and its files the modes the user's umask would have given them."""
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a file made by mkstemp (mode 0600) the mode the user's umask would have given it."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _publish_modes(folder: Path) -> None:
+    """Give a mkdtemp folder, its subfolders and files the modes the user's umask would have given them."""
+    umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

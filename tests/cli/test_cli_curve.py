@@ -1,5 +1,7 @@
 """`itd curve`: figures from the latest run, from run folders, or computed; bad figure paths."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,19 @@ def test_curve_series_are_drawn_in_logsnr_order_when_rounds_interleave_columns()
     for series in (runs[0], ens[0][0], ens[0][1]):
         assert torch.equal(series.logsnr, torch.arange(6, dtype=torch.float64))
     assert torch.equal(ens[0][0].mse, torch.arange(6, dtype=torch.float64) * 10 / 4)
+
+
+def test_figures_and_ensemble_folders_follow_the_umask(tmp_path: Path) -> None:
+    """A figure is not left at mkstemp's 0600 and an ensemble's members/ keeps its execute bit (umask 022)."""
+    import itdcli
+
+    old = os.umask(0o022)
+    try:
+        itdcli.ensemble("digits_test", ["gaussian"], points=4, limit=8, out=tmp_path / "ens")
+        figure = itdcli.curve([tmp_path / "ens"], out=tmp_path / "fig.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(figure.path).st_mode) == 0o644
+    members = tmp_path / "ens" / "members"
+    assert stat.S_IMODE(members.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) in (0o644, 0o755) for p in members.rglob("*"))
