@@ -77,6 +77,11 @@ class ResolvedReference:
 
 def fit_reference(ref_data: Any) -> tuple[GaussianReference, float]:
     """N(μ, Σ) of a dataset with its eigenvalue floor, cached under the itd home by content hash."""
+    if len(ref_data) < 2:
+        raise ItdError(
+            f"'{ref_data.name}' has {len(ref_data)} image: fitting the Gaussian reference N(μ,Σ) needs at least two; "
+            "give --reference with more images of this size, or --reference standard-normal"
+        )
     floor = _eig_floor(ref_data)
     key = hashlib.sha256(f"{ref_data.sha256}:{floor!r}".encode()).hexdigest()[:32]
     ref = records.cached_reference(key)
@@ -116,6 +121,9 @@ def resolve_reference(reference: Any, data: Any) -> ResolvedReference:
             f"reference data '{ref_data.name}' has images of shape {tuple(ref_data.shape)} but the scored data "
             f"have {tuple(data.shape)}: give a --reference of the same image size"
         )
+    if standard and len(ref_data) < 2:  # nothing to fit: N(0, I) shapes the proposal too
+        ref = GaussianReference.standard(data.dim)
+        return ResolvedReference(ref, ref, STANDARD_NORMAL, None, 0.0)
     fitted, floor = fit_reference(ref_data)
     ref = GaussianReference.standard(data.dim) if standard else fitted
     return ResolvedReference(ref, fitted, STANDARD_NORMAL if standard else ref_data.name, ref_data.sha256, floor)

@@ -169,8 +169,13 @@ class _Runner:
                 f"the model failed on z {tuple(z.shape)} float32 with logsnr ({z.shape[0]},) float64: "
                 f"{type(exc).__name__}: {first}"
             ) from exc
+        if not isinstance(eps_hat, Tensor):
+            raise ItdError(
+                f"the model returned a {type(eps_hat).__module__}.{type(eps_hat).__name__}, not a torch.Tensor: "
+                "return eps_hat as a tensor shaped like z (any float dtype or device is accepted)"
+            )
         _check_shape(eps_hat, z)
-        return eps.to(F64) - eps_hat.to(F64)
+        return eps.to(F64) - eps_hat.to(eps.device, F64)  # float64 or another device: accepted
 
 
 def _padded(t: Tensor, size: int) -> Tensor:

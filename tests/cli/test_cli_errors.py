@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from itdcli.cli.main import main
@@ -185,3 +186,32 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"itd {__version__}"
+
+
+def test_one_image_gets_advice_that_works_and_a_numpy_model_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import itdcli
+    from itdcli.errors import ItdError
+
+    path = tmp_path / "one.npz"
+    np.savez(path, x=np.random.default_rng(0).integers(0, 256, (1, 1, 4, 4)).astype(np.uint8))
+    with pytest.raises(SystemExit) as info:
+        main(["nll", str(path), "--points", "8"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "at least two" in err and "--reference standard-normal" in err
+    with pytest.raises(SystemExit) as info:  # the advice, followed
+        main(["nll", str(path), "--points", "8", "--reference", "standard-normal"])
+    assert info.value.code == 0
+
+    def numpy_model(z: torch.Tensor, logsnr: torch.Tensor) -> np.ndarray:
+        return np.zeros(tuple(z.shape), dtype=np.float32)
+
+    with pytest.raises(ItdError, match=r"returned a numpy\.ndarray, not a torch\.Tensor"):
+        itdcli.nll("digits_test", numpy_model, points=4, limit=4, save=False)
+
+    def float64_model(z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(z.shape, dtype=torch.float64)
+
+    run = itdcli.nll("digits_test", float64_model, points=4, limit=4, save=False)
+    assert all(np.isfinite(e.bpd) for e in run.estimates.values())
