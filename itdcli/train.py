@@ -51,6 +51,25 @@ class State:
     optimizer: torch.optim.Optimizer
     ema: torch.optim.swa_utils.AveragedModel | None
     last_saved: int = -1
+    first_value: float | None = None  # the first loss this process saw (nats/image), to tell divergence; not saved
+
+
+DIVERGENCE_FACTOR = 1000.0  # a loss this many times its first size (at least 1 bit/dim) above it has diverged
+
+
+def _check_divergence(state: State, value: float, dim: int) -> None:
+    """Stop a run whose loss grew by orders of magnitude; the last good checkpoint stays as it was."""
+    if state.first_value is None:
+        state.first_value = value
+        return
+    unit = dim * math.log(2)  # nats per image in one bit/dim
+    if value - state.first_value > DIVERGENCE_FACTOR * max(abs(state.first_value), unit):
+        kept = f"the last good checkpoint (step {state.last_saved}) is kept; " if state.last_saved >= 0 else ""
+        raise ItdError(
+            f"the loss diverged: {value / unit:.3g} bits/dim at step {state.step}, from {state.first_value / unit:.3g} "
+            f"at the start; {kept}lower --lr (or set --grad-clip) and start again"
+            + (" with --resume" if state.last_saved >= 0 else "")
+        )
 
 
 def make_optimizer(setup: Setup) -> torch.optim.Optimizer:
@@ -118,6 +137,7 @@ def train_step(model: torch.nn.Module, setup: Setup, state: State) -> float:
             + "lower --lr or set --grad-clip and start again"
             + (" with --resume" if state.last_saved >= 0 else "")
         )
+    _check_divergence(state, mean_value, setup.values[0].numel())
     state.optimizer.zero_grad(set_to_none=True)
     surrogate.backward()  # type: ignore[no-untyped-call]
     if setup.grad_clip > 0:
@@ -186,6 +206,8 @@ def restore(out: Path, setup: Setup, state: State) -> None:
     tensors = load_file(str(folder / "trainer.safetensors"))
     meta = json.loads((folder / "trainer.json").read_text())
     _restore_optimizer(state.optimizer, {k: v.to(setup.device) for k, v in tensors.items()}, meta)
+    for group in state.optimizer.param_groups:  # the options of this run, so that --resume --lr 1e-5 lowers it
+        group["lr"], group["weight_decay"] = setup.lr, setup.weight_decay
     torch.set_rng_state(tensors["rng.cpu"])
     if state.ema is not None:
         state.ema.module.load_state_dict(load_file(str(folder / checkpoints.WEIGHTS)))

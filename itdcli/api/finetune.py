@@ -295,6 +295,11 @@ def finetune(
     state = train.State(0, train.make_optimizer(setup), train.make_ema(setup))
     if opts.resume:
         train.restore(opts.out, setup, state)
+        if state.step >= total:
+            raise ItdError(
+                f"the checkpoint in '{opts.out}' is at step {state.step}, at or beyond --steps {total}: nothing to "
+                f"train; give a larger --steps to go on (e.g. --steps {state.step + total})"
+            )
     logger = _metrics_log(opts.out, state.step if opts.resume else None, log)
     evaluate = _evaluator(opts, setup, state, logger)
     every = {"log": opts.log_every, "eval": opts.eval_every, "save": opts.save_every or per_epoch}

@@ -61,7 +61,7 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
         finetune(None, "digits_train", out=tmp_path / "a", steps=1, precision="bf16", **FAST)
     with pytest.raises(ItdError, match="cannot be fine-tuned"):
         finetune("gaussian", "digits_train", out=tmp_path / "b", steps=1, batch_size=32)
-    with pytest.raises(ItdError, match="non-finite at step"):
+    with pytest.raises(ItdError, match=r"non-finite at step|diverged"):
         finetune(None, "digits_train", out=tmp_path / "c", steps=40, lr=1e12, grad_clip=0.0, **FAST)
 
 
@@ -97,3 +97,24 @@ def test_arch_keys_left_out_keep_the_default_small_network() -> None:
     assert (config.attention_resolutions, config.dropout, config.in_channels) == ((2,), 0.1, 1)
     with pytest.raises(ItdError, match="unknown --arch key"):
         parse_arch("iddpm:width=3", (1, 8, 8))
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """A finite loss that grows by orders of magnitude (lr 1e6, given on --resume, which takes it) is stopped, not
+    trained on to 1e16 bits/dim, and the checkpoint it resumed from is left as it was."""
+    out = tmp_path / "run"
+    finetune(None, "digits_train", out=out, steps=2, save_every=2, **FAST)
+    before = (out / "checkpoint" / "model.safetensors").read_bytes()
+    with pytest.raises(ItdError, match=r"(diverged|non-finite).*checkpoint \(step 2\) is kept"):
+        finetune(None, "digits_train", out=out, steps=40, lr=1e6, grad_clip=0.0, resume=True, **FAST)
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ItdError, match=r"the loss diverged: .* bits/dim at step 1"):  # finite, but absurd
+        finetune(None, "digits_train", out=tmp_path / "fresh", steps=40, lr=1e6, grad_clip=0.0, **FAST)
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_says_so_and_its_advice_works(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    finetune(None, "digits_train", out=out, steps=3, save_every=3, **FAST)
+    with pytest.raises(ItdError, match=r"at step 3, at or beyond --steps 2.*--steps 5"):
+        finetune(None, "digits_train", out=out, steps=2, resume=True, **FAST)
+    assert finetune(None, "digits_train", out=out, steps=5, resume=True, **FAST).steps == 5
