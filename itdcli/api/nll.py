@@ -267,7 +267,7 @@ def nll(
     main = curves["main"] if "main" in curves else curves["deq"]
     plan = plans["main"] if "main" in plans else plans["deq"]
     proposal = plan.proposal
-    tails = _tails(names, rounds.inputs(dataset, index, ref, plan), tail_limit(opts, dataset.dim))
+    tails = _tails(names, run.inputs(plan), tail_limit(opts, dataset.dim))
     reported = list(scores.estimates)
     result = NllResult(
         itd_version=__version__,

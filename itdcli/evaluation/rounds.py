@@ -81,6 +81,15 @@ class Run:
         self.evals = self.pilot_evals = 0.0
         self.round_count = 0
         self.done = 0
+        self._scored: dict[tuple[float, float], units.Inputs] = {}
+
+    def inputs(self, plan: engine.Plan) -> units.Inputs:
+        """The scored images' inputs on the plan's range, built once per range (not once per round)."""
+        p = plan.proposal
+        key = (p.logsnr_min, p.logsnr_max)
+        if key not in self._scored:
+            self._scored[key] = inputs(self.dataset, self.index, self.ref, plan)
+        return self._scored[key]
 
     def _tick(self, n: int, total: int) -> None:
         """Progress in points of this rank, against the points planned so far."""
@@ -167,8 +176,9 @@ class Run:
         s = self.settings
         for p, c in curves.items():
             plan = plans[p]
-            inp = inputs(self.dataset, self.index, self.ref, plan)
-            merged.merge(scoring.score(c, inp, plan.proposal, passes[p], s.selection, s.seed, self._rule()))
+            merged.merge(
+                scoring.score(c, self.inputs(plan), plan.proposal, passes[p], s.selection, s.seed, self._rule())
+            )
         return merged
 
     def _next_round(self, scores: scoring.Scores, names: list[str], done: int) -> int:
