@@ -343,7 +343,7 @@ def _tails(names: list[str], inp: units.Inputs, limit: float) -> dict[str, TailI
     left = tails.gaussian_left_tail(inp.logsnr_min, inp.ref.log_eigvals) / scale
     return {
         n: TailInfo(left_bpd=left, right_bpd=right / scale, limit_bpd=limit / scale)
-        for n, (_, right) in units.tail_values(names, inp).items()
+        for n, right in units.right_tails(names, inp).items()
     }
 
 

@@ -28,7 +28,7 @@ MIN_CURVE_KNOTS = 8  # fewer intervals follow the curve too coarsely: they raise
 
 @dataclass
 class Scores:
-    """Estimates per estimator name, their integrands, the choices per family, diagnostics and warnings.
+    """Estimates per estimator name, their integrands, the choices per family and the range diagnostics.
 
     `worse` holds, per estimator, the logSNR intervals where the model's chosen error exceeds the Gaussian
     reference's by more than WORSE_Z standard errors; `missing` the estimated mass above the range (bpd).
@@ -40,7 +40,6 @@ class Scores:
     candidates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     worse: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     missing: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
 
     def merge(self, other: Scores) -> None:
         """Add the estimators of another pass (scored on its own points)."""
@@ -50,7 +49,6 @@ class Scores:
         self.candidates.update(other.candidates)
         self.worse.update(other.worse)
         self.missing.update(other.missing)
-        self.warnings += other.warnings
 
 
 @dataclass(frozen=True)
@@ -203,7 +201,7 @@ def score(
     out = Scores()
     folds = est.crossfit_folds(len(curves.index), 2, torch.Generator().manual_seed(seed + 1))
     errors = curves.errors
-    cells = units.Cells(curves.logsnr, errors.get("gauss"), errors.get("gauss_deq"), inp.ref.mmse(curves.logsnr))
+    cells = units.Cells(curves.logsnr, errors.get("gauss"), inp.ref.mmse(curves.logsnr))
     picked: dict[str, tuple[Tensor, Tensor | None]] = {}
     for unit in units.units(names):
         if unit.discrete_only and not inp.levels:
@@ -216,10 +214,11 @@ def score(
             return unit.form(err, cells)
 
         curve = _curve_control(curves, proposal, folds, own)
-        gap = est.integral(curves.weight, form(e), curves.groups, curve.baseline(form) if curve else None)
+        integrand = form(e)
+        gap = est.integral(curves.weight, integrand, curves.groups, curve.baseline(form) if curve else None)
         name = unit.name + ("_paper_clamp" if rule.paper_clamp else "")
         out.estimates[name] = gap.shifted(unit.value(gap.per_image, inp))
-        out.integrands[name] = form(e)
+        out.integrands[name] = integrand
         if unit.reference in errors and rule.candidates is None and not rule.paper_clamp:
             bins = _bins(curves, proposal, MIN_SELECT_BINS)
             out.worse[name] = _worse(e - errors[unit.reference], bins, proposal, MIN_SELECT_BINS)

@@ -50,11 +50,10 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Cells:
-    """Per-cell terms an integrand may read besides the chosen error: logSNR and the Gaussian's errors."""
+    """Per-cell terms an integrand may read besides the chosen error: logSNR, mmse_G(x, γ) and mmse_G(γ)."""
 
     logsnr: Tensor
     gauss: Tensor | None
-    gauss_deq: Tensor | None
     mmse_g: Tensor
 
 
@@ -229,6 +228,6 @@ def _right(unit: Unit, ref: GaussianReference, levels: int | None) -> Callable[[
     return lambda g: unit.right_bound(g, ref, levels)
 
 
-def tail_values(names: list[str], inp: Inputs) -> dict[str, tuple[float, float]]:
-    """Per estimator, its left and right tail terms' dataset means in nats per image."""
-    return {u.name: (float(u.left(inp).mean()), float(u.right(inp).mean())) for u in units(names)}
+def right_tails(names: list[str], inp: Inputs) -> dict[str, float]:
+    """Per estimator, the dataset mean of its right tail term in nats per image."""
+    return {u.name: float(u.right(inp).mean()) for u in units(names)}
