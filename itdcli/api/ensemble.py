@@ -119,15 +119,11 @@ def _winners(curves: Any, proposal: Any, scores: Any) -> dict[str, list[Interval
 
     table: dict[str, list[Interval]] = {}
     for family, choice in scores.choice.items():
-        names = scores.candidates[family]
-        spans: list[Interval] = []
-        for lo, hi, k in winners(curves, proposal, choice):
-            member = names[k].split("/")[0]  # a member's projections (rounded, clamped) are one member
-            if spans and spans[-1].member == member:
-                spans[-1].logsnr_to = hi
-            else:
-                spans.append(Interval(logsnr_from=lo, logsnr_to=hi, member=member))
-        table[family] = spans
+        members = [name.split("/")[0] for name in scores.candidates[family]]  # "digits/round" is member digits
+        table[family] = [
+            Interval(logsnr_from=lo, logsnr_to=hi, member=member)
+            for lo, hi, member in winners(curves, proposal, choice, members)
+        ]
     return table
 
 

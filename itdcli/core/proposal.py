@@ -84,6 +84,12 @@ class Proposal:
         mass = torch.tensor(self.mass, dtype=F64)
         return torch.tensor(self.edges, dtype=F64), mass / mass.sum()
 
+    def quantile_edges(self, count: int) -> Tensor:
+        """The edges of `count` bins of equal probability, the outer two exactly the ends of the range."""
+        edges = self.icdf(torch.linspace(0, 1, count + 1, dtype=F64))
+        edges[0], edges[-1] = self.logsnr_min, self.logsnr_max
+        return edges
+
     def weight(self, logsnr: Tensor) -> Tensor:
         """Importance weight w = 1/p(γ), so that E_p[w f] = ∫ f dγ over the range (spec §6.2)."""
         return 1 / self.density(logsnr)
@@ -132,8 +138,7 @@ def fit_adaptive(
     base mass. Each integrand's optimal density gets an equal share, so every estimator keeps at least
     (1 − defensive)/len(integrands) of its own.
     """
-    edges = base.icdf(torch.linspace(0, 1, bins + 1, dtype=F64))
-    edges[0], edges[-1] = base.logsnr_min, base.logsnr_max
+    edges = base.quantile_edges(bins)
     g = logsnr.reshape(-1).to(F64)
     which = torch.clamp(torch.searchsorted(edges, g, right=True) - 1, 0, bins - 1)
     count = torch.bincount(which, minlength=bins).to(F64)

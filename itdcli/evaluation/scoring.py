@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -151,9 +151,7 @@ def _curve_control(curves: Curves, proposal: Proposal, folds: Tensor, own: Tenso
     intervals = min(CURVE_KNOTS, curves.logsnr.numel() // (2 * CURVE_CELLS))
     if own is None or intervals < MIN_CURVE_KNOTS:
         return None
-    knots = proposal.icdf(torch.linspace(0, 1, intervals + 1, dtype=torch.float64))
-    knots[0], knots[-1] = proposal.logsnr_min, proposal.logsnr_max
-    return est.CurveControl(curves.logsnr, curves.weight, folds, knots, own)
+    return est.CurveControl(curves.logsnr, curves.weight, folds, proposal.quantile_edges(intervals), own)
 
 
 def _select_count(curves: Curves) -> int:
@@ -161,30 +159,41 @@ def _select_count(curves: Curves) -> int:
     return max(MIN_SELECT_BINS, min(SELECT_BINS, curves.logsnr.shape[1]))
 
 
-def winners(curves: Curves, proposal: Proposal, choice: Tensor) -> list[tuple[float, float, int]]:
-    """(from, to, candidate) per run of choice bins, each bin's candidate the one most of its cells were given."""
+def winners(
+    curves: Curves, proposal: Proposal, choice: Tensor, labels: Sequence[str]
+) -> list[tuple[float, float, str]]:
+    """(from, to, label) per run of choice bins, each bin labelled by the candidate most of its cells were given.
+
+    `labels` names each candidate; neighbouring bins of one label (a member's rounded and clamped errors, say)
+    make one interval.
+    """
     count = _select_count(curves)
     bins = _bins(curves, proposal, count).reshape(-1)
-    edges = proposal.icdf(torch.linspace(0, 1, count + 1, dtype=torch.float64)).tolist()
-    edges[0], edges[-1] = proposal.logsnr_min, proposal.logsnr_max
-    k = int(choice.max()) + 1
-    tally = torch.zeros(count, k, dtype=torch.long).index_put_((bins, choice.reshape(-1)), torch.tensor(1), True)
-    spans: list[tuple[float, float, int]] = []
-    for b in range(count):
-        if int(tally[b].sum()) == 0:
+    tally = torch.zeros(count, len(labels), dtype=torch.long)
+    tally.index_put_((bins, choice.reshape(-1)), torch.tensor(1), accumulate=True)
+    per_bin = [labels[int(t.argmax())] if int(t.sum()) else None for t in tally]
+    return _spans(proposal.quantile_edges(count).tolist(), per_bin, bridge=True)
+
+
+def _spans(edges: list[float], labels: Sequence[str | None], bridge: bool = False) -> list[tuple[float, float, str]]:
+    """(from, to, label) for each run of equal labels over the bins between `edges`; unlabelled bins are skipped.
+
+    With `bridge`, a run continues over skipped bins (a choice bin without cells has no winner of its own).
+    """
+    spans: list[tuple[float, float, str]] = []
+    for i, label in enumerate(labels):
+        if label is None:
             continue
-        who = int(tally[b].argmax())
-        if spans and spans[-1][2] == who:
-            spans[-1] = (spans[-1][0], edges[b + 1], who)
+        if spans and spans[-1][2] == label and (bridge or spans[-1][1] == edges[i]):
+            spans[-1] = (spans[-1][0], edges[i + 1], label)
         else:
-            spans.append((edges[b], edges[b + 1], who))
+            spans.append((edges[i], edges[i + 1], label))
     return spans
 
 
 def _bins(curves: Curves, proposal: Proposal, count: int) -> Tensor:
     """Each cell's logSNR bin, by `count` quantiles of the proposal (for the choice and the control variate)."""
-    edges = proposal.icdf(torch.linspace(0, 1, count + 1, dtype=torch.float64))[1:-1]
-    return torch.bucketize(curves.logsnr.contiguous(), edges)
+    return torch.bucketize(curves.logsnr.contiguous(), proposal.quantile_edges(count)[1:-1])
 
 
 def score(
@@ -235,16 +244,8 @@ def _worse(excess: Tensor, bins: Tensor, proposal: Proposal, count: int) -> list
     mean = torch.zeros(count, dtype=torch.float64).index_add_(0, b, v) / n.clamp_min(1)
     square = torch.zeros(count, dtype=torch.float64).index_add_(0, b, (v - mean[b]) ** 2)
     se = (square / (n - 1).clamp_min(1) / n.clamp_min(1)).sqrt()
-    flagged = ((mean > WORSE_Z * se) & (n > 2)).tolist()
-    edges = proposal.icdf(torch.linspace(0, 1, count + 1, dtype=torch.float64)).tolist()
-    edges[0], edges[-1] = proposal.logsnr_min, proposal.logsnr_max
-    spans: list[tuple[float, float]] = []
-    for i, bad in enumerate(flagged):
-        if bad and spans and spans[-1][1] == edges[i]:
-            spans[-1] = (spans[-1][0], edges[i + 1])
-        elif bad:
-            spans.append((edges[i], edges[i + 1]))
-    return spans
+    flagged = ["worse" if bad else None for bad in ((mean > WORSE_Z * se) & (n > 2)).tolist()]
+    return [(lo, hi) for lo, hi, _ in _spans(proposal.quantile_edges(count).tolist(), flagged)]
 
 
 def _missing_above(err: Tensor, logsnr: Tensor, proposal: Proposal, dim: int) -> float:
