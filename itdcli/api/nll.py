@@ -393,21 +393,12 @@ def _check_constant_pixels(dataset: Any, index: torch.Tensor) -> None:
     constant = (x == x[:1]).all(0).nonzero().flatten().tolist()
     if constant:
         shape = tuple(dataset.shape)
-        where = ", ".join(str(tuple(int(v) for v in _unravel(i, shape))) for i in constant[:3])
+        where = ", ".join(str(tuple(int(v) for v in torch.unravel_index(torch.tensor(i), shape))) for i in constant[:3])
         more = f" and {len(constant) - 3} more" if len(constant) > 3 else ""
         raise ItdError(
             f"{len(constant)} pixel(s) of '{dataset.name}' never vary, e.g. at (C, H, W) {where}{more}: the density "
             "of such data is a point mass (−log p = −∞); score integer data with --levels, or remove those pixels"
         )
-
-
-def _unravel(i: int, shape: tuple[int, ...]) -> list[int]:
-    """The multi-index of flat position `i` in `shape`."""
-    out = []
-    for size in reversed(shape):
-        out.append(i % size)
-        i //= size
-    return out[::-1]
 
 
 def _save(result: NllResult, out: Path | None, data_name: str) -> None:
