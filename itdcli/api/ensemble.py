@@ -18,7 +18,6 @@ from pydantic import BaseModel, Field
 
 from itdcli.api import records
 from itdcli.api.results import EstimateResult, NllResult
-from itdcli.core import controls
 from itdcli.errors import ItdError
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -84,15 +83,17 @@ def _labels(results: Sequence[NllResult]) -> list[str]:
 
 def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, dict[str, tuple[str, ...]]]:
     """One set of curves holding every member's errors and the Gaussian's, with candidates per estimator."""
+    from itdcli.evaluation import units
     from itdcli.evaluation.engine import Curves
 
     first = Curves.from_arrays(results[0].arrays)
     # the same for every member: same images, points and noise
-    shared = ("gauss", "gauss_deq", "cv", "cv_deq", *controls.DEQ_NAMES, *controls.NAMES)
+    member_kinds = {k for kinds in KINDS.values() for k in kinds}  # each member's own errors; the rest are shared
+    shared = {*units.PASS_ERRORS["main"], *units.PASS_ERRORS["deq"]} - member_kinds
     errors = {k: v for k, v in first.errors.items() if k in shared}
     for label, r in zip(labels, results, strict=True):
         own = Curves.from_arrays(r.arrays).errors
-        errors.update({f"{label}/{k}": own[k] for k in ("model", "round", "deq") if k in own})
+        errors.update({f"{label}/{k}": own[k] for k in member_kinds if k in own})
     candidates = {
         kind: tuple(f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors)
         for kind, kinds in KINDS.items()

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from itdcli import runtime
-from itdcli.core import controls
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.kinds import Selection
 from itdcli.core.proposal import fit_adaptive
@@ -24,12 +23,6 @@ from itdcli.evaluation import engine, scoring, units
 from itdcli.models.base import Denoiser
 
 MIN_ROUND_POINTS = 8
-
-# The errors each pass records.
-PASS_ERRORS = {
-    "main": ("gauss", "cv", "model", "round", *controls.NAMES),
-    "deq": ("deq", "gauss_deq", "cv_deq", *controls.DEQ_NAMES, *controls.NAMES),
-}
 
 
 @dataclass(frozen=True)
@@ -160,7 +153,7 @@ class Run:
             for p, k in want.items():
                 more, evals = self._evaluate(replace(plans[p], points=k, stream=stream), self.index)
                 self.evals += evals
-                more = more.subset(PASS_ERRORS[p])
+                more = more.subset(units.PASS_ERRORS[p])
                 curves[p] = more if p not in curves else curves[p].extended(more)
             self.round_count += 1
             scores = self._score(curves, plans)

@@ -130,6 +130,8 @@ def _need(t: Tensor | None) -> Tensor:
 
 MAIN_CONTROLS = ("cv", *controls.NAMES)
 DEQ_CONTROLS = ("cv_deq", *controls.DEQ_NAMES, *controls.NAMES)
+# What each pass of the network (on x, on dequantized x) records: its projections, the Gaussian's errors, controls
+PASS_ERRORS = {"main": ("gauss", "model", "round", *MAIN_CONTROLS), "deq": ("deq", "gauss_deq", *DEQ_CONTROLS)}
 
 UNITS: dict[str, Unit] = {
     u.name: u
