@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from itdcli import paths
+from itdcli import outputs, paths
 from itdcli.downloads import archive, fetch, hub, manifest
 from itdcli.downloads.fetch import Policy, Progress
 from itdcli.errors import ItdError
@@ -188,7 +188,9 @@ def download(
     records = []
     for a in chosen:
         url = f"{base}/{a.filename}" if base and a.kind != "hub" else a.url
-        records.append(_download_one(_Job(a, _root(a, dir), url, force, progress, policy)))
+        target = outputs.check(location(a, dir), "--dir", example=str(Path.cwd() / "itd-downloads"))
+        with outputs.claim(target, "--dir"):
+            records.append(_download_one(_Job(a, _root(a, dir), url, force, progress, policy)))
     return records
 
 
@@ -368,9 +370,7 @@ def _mismatch(job: _Job, target: Path, part: Path, expected: tuple[str, str, Bas
 
 def _check_space(folder: Path, need: int, name: str) -> None:
     """Fail early when the filesystem of `folder` lacks `need` bytes plus a margin."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = outputs.existing_ancestor(folder)
     free = shutil.disk_usage(probe).free
     if free < max(need, 0) + SPACE_MARGIN:
         raise ItdError(

@@ -15,15 +15,22 @@ from itdcli.errors import ItdError
 FORMATS = (".pdf", ".png", ".svg")
 
 
-def _check_figure_path(out: Path, overwrite: bool) -> None:
-    """A supported suffix, not an existing file unless `overwrite`, in a writable folder."""
+def _check_figure_path(out: Path, overwrite: bool) -> Path:
+    """A supported suffix, not an existing file unless `overwrite` (and then one itd drew), in a writable folder."""
+    from itdcli import outputs
+    from itdcli.plot import FIGURE_MARK
+
     if out.suffix.lower() not in FORMATS:
         raise ItdError(f"cannot tell the figure format of '{out}': end --out with .pdf, .png or .svg")
     if out.exists() and not overwrite:
         raise ItdError(f"'{out}' already exists: choose another --out or pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ItdError(f"cannot write to folder '{parent}': create it or choose another --out")
+    if out.is_dir():
+        raise ItdError(f"'{out}' is a folder: give --out a file name ending in .pdf, .png or .svg")
+    if out.exists() and FIGURE_MARK.encode() not in out.read_bytes()[: 64 * 2**20]:
+        raise ItdError(
+            f"'{out}' was not drawn by itd curve: --overwrite replaces only itd's own figures; choose another --out"
+        )
+    return outputs.check(out, "--out")
 
 
 def _gather(
@@ -51,14 +58,28 @@ def curve(
     **nll_options: Any,
 ) -> CurveResult:
     """Draw ε-MSE against logSNR for each run, with the references; write `out` (.pdf, .png, .svg) atomically."""
+    from itdcli import outputs
+
+    out = _check_figure_path(Path(out), overwrite)
+    with outputs.claim(out, "--out"):
+        return _draw(runs, out, model, data, progress, nll_options)
+
+
+def _draw(
+    runs: Sequence[str | Path | NllResult],
+    out: Path,
+    model: Any,
+    data: Any,
+    progress: Callable[[int, int], None] | None,
+    nll_options: dict[str, Any],
+) -> CurveResult:
+    """The body of `curve`, run while the figure's location is held."""
     import torch
 
-    from itdcli import plot
+    from itdcli import outputs, plot
     from itdcli.api.ensemble import ENSEMBLE_FILE, read_ensemble
     from itdcli.api.nll import nll
 
-    out = Path(out)
-    _check_figure_path(out, overwrite)
     plain: list[str | Path | NllResult] = []
     shade: list[tuple[plot.Series, plot.Series]] = []
     for r in runs:
@@ -79,7 +100,7 @@ def curve(
     hi = max(r.proposal.logsnr_max for r in results)
     series += plot.reference_series(results[0].arrays["eigvals"], lo, hi)
     title = ", ".join(sorted({r.data.name for r in results}))
-    fd, tmp = tempfile.mkstemp(prefix=".itd-fig-", suffix=out.suffix, dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=outputs.temp_prefix(out), suffix=out.suffix, dir=out.parent)
     os.close(fd)
     try:
         plot.draw(series, f"ε-MSE curves on {title}", Path(tmp), shade)

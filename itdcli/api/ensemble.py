@@ -146,6 +146,35 @@ def ensemble(
 
     Members are computed from `models` (names, paths, callables) and/or taken from saved `runs` of `itd nll`.
     """
+    with records.claimed_out(out, overwrite) as claimed:
+        return _ensemble(
+            data,
+            models,
+            runs=runs,
+            reference=reference,
+            select_on=select_on,
+            select_fraction=select_fraction,
+            out=claimed,
+            save=save,
+            progress=progress,
+            **options,
+        )
+
+
+def _ensemble(
+    data: Any,
+    models: Sequence[Any] = (),
+    *,
+    runs: Sequence[str | Path] = (),
+    reference: Any = None,
+    select_on: Any = None,
+    select_fraction: float | None = None,
+    out: Path | None = None,
+    save: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> EnsembleResult:
+    """The body of `ensemble`, run while its output location is held."""
     from itdcli.api.nll import _estimate_result, nll, resolve_reference
     from itdcli.core.proposal import Proposal
     from itdcli.data import load_data
@@ -156,8 +185,6 @@ def ensemble(
         raise ItdError("give either --select-on or --select-fraction, not both")
     if select_fraction is not None and not 0 < select_fraction < 1:
         raise ItdError(f"--select-fraction must lie strictly between 0 and 1, got {select_fraction}")
-    if out is not None:
-        records.check_out_dir(out, overwrite)
     if not models and not runs:
         raise ItdError(
             "give at least one --model or saved run to combine (add --model gaussian for the N(μ,Σ) reference)"

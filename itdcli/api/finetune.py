@@ -6,8 +6,10 @@ MMSE gap to the Gaussian reference reported in bits/dim. Single process or torch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -158,16 +160,35 @@ def _network(model: Any, opts: FinetuneOptions, shape: tuple[int, ...], proposal
     return loaded
 
 
+FINETUNE_ENTRIES = frozenset({"checkpoint", METRICS, "metrics.png"})  # what a finetune folder holds
+
+
 def _check_out(opts: FinetuneOptions) -> None:
-    """Refuse an --out that holds another run (or other files) unless --resume or --overwrite."""
+    """Refuse an --out that holds another run unless --resume or --overwrite, and foreign files always.
+
+    `--overwrite` restarts only a finetune folder: anything else in it is named and refused, never deleted.
+    """
     out = opts.out
-    if opts.resume or opts.overwrite or not out.exists():
+    if not out.exists():
         return
-    if out.is_dir() and not any(out.iterdir()):
+    if not out.is_dir():
+        raise ItdError(f"--out '{out}' is a file, not a folder: choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in FINETUNE_ENTRIES and not _stale(p.name))
+    if opts.overwrite and foreign:
+        raise ItdError(
+            f"'{out}' holds '{foreign[0]}', which itd finetune did not write: --overwrite restarts only a finetune "
+            "folder; choose another --out"
+        )
+    if opts.resume or opts.overwrite or not any(out.iterdir()):
         return
     raise ItdError(
         f"'{out}' already holds a run or other files: pass --resume to continue it or --overwrite to restart"
     )
+
+
+def _stale(name: str) -> bool:
+    """Whether `name` is a temporary entry an interrupted itd left (removed by the next writer)."""
+    return name.startswith(".itd-tmp-")
 
 
 def _metrics_log(out: Path, resume_step: int | None, echo: Callable[[dict[str, Any]], None] | None) -> Any:
@@ -178,9 +199,9 @@ def _metrics_log(out: Path, resume_step: int | None, echo: Callable[[dict[str, A
     if runtime.is_main():
         out.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None:
+            kept = [entry for entry in _read_metrics(out) if entry["step"] <= resume_step]
+        _replace_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))
 
     def log(entry: dict[str, Any]) -> None:
         if runtime.is_main():
@@ -241,14 +262,27 @@ def finetune(
     `model` is anything `--model` accepts (IDDPM, diffusers, an itd run folder); with `init="scratch"` a new
     network is built from `arch`. `log(entry)` receives each metrics line as it is written to metrics.jsonl.
     """
+    from itdcli import outputs, runtime
+
+    opts = FinetuneOptions(**options)
+    _check_out(opts)
+    opts = opts.model_copy(update={"out": outputs.check(opts.out, "--out")})
+    if not runtime.is_main():
+        return _finetune(model, data, log, opts)
+    with outputs.claim(opts.out, "--out"):
+        return _finetune(model, data, log, opts)
+
+
+def _finetune(
+    model: Any, data: Any, log: Callable[[dict[str, Any]], None] | None, opts: FinetuneOptions
+) -> FinetuneResult:
+    """The body of `finetune`, run while its output folder is held."""
     from itdcli import runtime, train
     from itdcli.api.nll import PAPER_CLIP, _check_input_shape, make_proposal, resolve_reference
     from itdcli.api.options import NllOptions
     from itdcli.data import load_data
     from itdcli.models import checkpoints
 
-    opts = FinetuneOptions(**options)
-    _check_out(opts)
     if opts.overwrite and not opts.resume and runtime.is_main():
         shutil.rmtree(opts.out / checkpoints.SUBFOLDER, ignore_errors=True)  # the user asked to start over
     device = runtime.local_device(opts.device)
@@ -320,9 +354,20 @@ def finetune(
 
 
 def _read_metrics(out: Path) -> list[dict[str, Any]]:
-    """The lines of DIR/metrics.jsonl."""
+    """The lines of DIR/metrics.jsonl; a last line cut short by a killed process is skipped."""
     path = out / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    entries = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            entries.append(json.loads(line))
+    return [e for e in entries if isinstance(e, dict) and "step" in e]
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` whole through a temporary sibling and a rename (a kill leaves the old or the new file)."""
+    tmp = path.with_name(f".itd-tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _last_loss(out: Path) -> float | None:
@@ -353,7 +398,7 @@ def _plot(out: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     path = out / "metrics.png"
-    tmp = out / ".metrics.png.tmp"
+    tmp = out / ".itd-tmp-metrics.png"
     fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(path)

@@ -210,14 +210,20 @@ def nll(
     Under torchrun the ranks share the images and all return the same result; only rank 0 reports
     progress and writes the record.
     """
+    opts = parse_options(options)
+    with records.claimed_out(opts.out, opts.overwrite) as out:
+        return _nll(data, model, reference, progress, opts if out is None else opts.model_copy(update={"out": out}))
+
+
+def _nll(
+    data: Any, model: Any, reference: Any, progress: Callable[[int, int], None] | None, opts: NllOptions
+) -> NllResult:
+    """The body of `nll`, run while its output location is held."""
     from itdcli import __version__
     from itdcli.data import load_data
     from itdcli.evaluation import engine
     from itdcli.models import load_model
 
-    opts = parse_options(options)
-    if opts.out is not None:
-        records.check_out_dir(opts.out, opts.overwrite)
     dataset = load_data(data, levels=opts.levels)
     names = _estimator_names(opts, dataset.levels is not None)
     device = runtime.local_device(opts.device)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from itdcli import outputs
 from itdcli.api.results import NllResult
 from itdcli.core.gaussian import GaussianReference
 from itdcli.errors import ItdError
@@ -26,12 +27,16 @@ ARRAYS_FILE = "arrays.safetensors"
 RUN_ENTRIES = frozenset({RESULT_FILE, ARRAYS_FILE, "ensemble.json", "members"})  # what an itd run folder holds
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless `overwrite`, and a location that cannot be written, before any work.
+def check_out_dir(out: Path, overwrite: bool, need: int = 0) -> Path:
+    """Refuse an existing output unless `overwrite`, and a location that cannot hold `need` bytes, before any work.
 
     `overwrite` replaces only an itd run folder (or an empty one): a folder holding anything itd did not write
-    is refused, naming the first such entry, so that nothing of the user's is ever deleted.
+    is refused, naming the first such entry, so that nothing of the user's is ever deleted. The current folder
+    and the folders above it are refused too, since a run folder is replaced whole. Returns `out` made absolute.
     """
+    out = outputs.absolute(out)
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise ItdError(f"--out '{out}' is the folder you are in (or above it): give a new folder, e.g. --out run1")
     if out.exists() and not overwrite:
         raise ItdError(f"output '{out}' already exists: choose another --out or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -44,11 +49,23 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                 f"'{out}' holds '{name}', which is not part of an itd run: --overwrite replaces only an itd run "
                 "folder; choose another --out"
             )
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ItdError(f"cannot write to '{parent}': choose a writable --out")
+    return outputs.check(out, "--out", need)
+
+
+@contextlib.contextmanager
+def claimed_out(out: Path | None, overwrite: bool, need: int = 0) -> Iterator[Path | None]:
+    """Check `out` (when given) and hold its one-writer lock on rank 0 until the block has written it."""
+    from itdcli import runtime
+
+    if out is None:
+        yield None
+        return
+    out = check_out_dir(out, overwrite, need)
+    if not runtime.is_main():
+        yield out
+        return
+    with outputs.claim(out, "--out"):
+        yield out
 
 
 def new_run_dir(model: str, data: str) -> Path:
@@ -68,7 +85,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=".itd-old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=outputs.temp_prefix(out), dir=out.parent))
     os.replace(out, old / "run")
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
@@ -97,8 +114,10 @@ def _publish_modes(folder: Path) -> None:
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `out` whole, on failure it vanishes."""
+    out = outputs.absolute(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".itd-tmp-", dir=out.parent))
+    outputs.clear_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=outputs.temp_prefix(out), dir=out.parent))
     try:
         yield tmp
         _publish_modes(tmp)
