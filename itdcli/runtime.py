@@ -149,6 +149,22 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def host_memory_available() -> int:
+    """Bytes of host memory available to new allocations (Linux MemAvailable, else free physical pages)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as fh:
+            line = next(ln for ln in fh if ln.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def device_memory_available(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory on CUDA, else the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return host_memory_available()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present, else CPU; an explicit CUDA request without a GPU is an input error."""
     if name == "auto":

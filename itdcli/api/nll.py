@@ -266,6 +266,7 @@ def _nll(
     run = rounds.Run(net, dataset, ref, device, index, names, settings, progress)
     start = time.perf_counter()
     plans = run.plans(plan)
+    run.check_first(plans)
     if opts.adapt:
         plans = run.adapt(plans)
     curves, scores = run.rounds(plans)
@@ -318,7 +319,8 @@ def _nll(
             "sampling_stderr_bpd: std/√N over per-image values"
         ),
         warnings=_run_warnings(reference, dataset, proposal, denoiser)
-        + _range_warnings(opts, tails, scores, dataset.dim),
+        + _range_warnings(opts, tails, scores, dataset.dim)
+        + run.warnings,
         notes=_notes(_model_name(model), names, scores, dataset.levels, proposal),
         arrays=_arrays(curves, scores, ref, dataset.dim),
     )

@@ -130,9 +130,21 @@ def _check_finite(err: Tensor, logsnr: Tensor) -> None:
 class _Runner:
     """Calls the network batch by batch in the precision policy's format, halving the batch on out-of-memory."""
 
-    def __init__(self, model: Denoiser, plan: Plan, device: torch.device) -> None:
-        """Start at the plan's batch size."""
+    def __init__(
+        self, model: Denoiser, plan: Plan, device: torch.device, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Start at the plan's batch size; `progress(points)` hears of each batch, in whole points done."""
         self.model, self.plan, self.device, self.batch = model, plan, device, plan.batch_size
+        self.progress, self.cells, self.reported = progress, 0, 0
+        self.per_point = plan.noises * (int(plan.main) + int(plan.deq))  # forwards per logSNR point
+
+    def _tick(self, cells: int) -> None:
+        """Report the points completed so far, batch by batch, so that an ETA shows from the first batch."""
+        self.cells += cells
+        points = self.cells // self.per_point
+        if self.progress is not None and points > self.reported:
+            self.progress(points - self.reported)
+            self.reported = points
 
     def residual(self, x: Tensor, eps: Tensor, logsnr: Tensor, modes: list[runtime.Mode]) -> Tensor:
         """u = ε − ε̂ in float64 for cells sorted by format (`modes` per cell, known on the host)."""
@@ -142,6 +154,7 @@ class _Runner:
             stop = start + next((i for i, m in enumerate(modes[start:stop]) if m != modes[start]), stop - start)
             try:
                 out.append(self._call(x[start:stop], eps[start:stop], logsnr[start:stop], modes[start]))
+                self._tick(stop - start)
             except (RuntimeError, MemoryError) as exc:
                 if not runtime.is_out_of_memory(exc) or self.batch == 1:
                     raise
@@ -313,7 +326,7 @@ def _evaluate(
     ref = GaussianReference(ref.mean.to(device), ref.eigvecs.to(device), ref.eigvals.to(device))
     model = runtime.prepare_model(model, device, plan.channels_last, compile=False)
     codes = data.x.to(device)  # the whole dataset on the device, uint8 levels for discrete data
-    runner = _Runner(model, plan, device)
+    runner = _Runner(model, plan, device, progress)
     group = max(1, plan.batch_size // (plan.points * plan.noises))
     chunks: dict[str, list[Tensor]] = {}
     logsnr = []
@@ -328,11 +341,29 @@ def _evaluate(
                 per_point = err[restore].reshape(len(rows), plan.points, plan.noises).mean(2)
                 chunks.setdefault(name, []).append(per_point.to("cpu", F64))
             logsnr.append(cells.logsnr_host[cells.restore].reshape(len(rows), plan.points, plan.noises)[..., 0])
-            if progress is not None:
-                progress(len(rows) * plan.points)
     g = torch.cat(logsnr)
     errors = {name: torch.cat(parts) for name, parts in chunks.items()}
     return Curves(index, g, plan.proposal.weight(g), errors, stratum_groups(plan.points, plan.scheme))
+
+
+KEPT_COPIES = 3  # a kept per-cell array exists in float64, its scored integrands and the saved float32 form
+CELL_TENSORS = 10  # per-cell tensors of one group on the device: x, whitened x, noise, offsets, residuals, errors
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory a round needs: host bytes for the per-point arrays it keeps, device bytes for one group's cells."""
+
+    kept: int
+    group: int
+
+
+def footprint(plan: Plan, images: int, dim: int, errors: int) -> Footprint:
+    """The memory of one round of `plan` over `images` images, recording `errors` arrays per point (an upper guess)."""
+    per_point = (errors + len(controls.NAMES) + 2) * 8 * KEPT_COPIES
+    group = min(images, max(1, plan.batch_size // (plan.points * plan.noises)))
+    cells = group * plan.points * plan.noises
+    return Footprint(images * plan.points * per_point, cells * dim * 8 * CELL_TENSORS)
 
 
 def evals_per_image(plan: Plan) -> int:

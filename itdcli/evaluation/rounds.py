@@ -19,10 +19,12 @@ from itdcli.core.kinds import Selection
 from itdcli.core.proposal import fit_adaptive
 from itdcli.core.units import bits_per_dim
 from itdcli.data import Dataset
+from itdcli.errors import ItdError
 from itdcli.evaluation import engine, scoring, units
 from itdcli.models.base import Denoiser
 
 MIN_ROUND_POINTS = 8
+MEMORY_SHARE = 0.8  # of the available memory a run may plan to use
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Run:
         self.evals = self.pilot_evals = 0.0
         self.round_count = 0
         self.done = 0
+        self.warnings: list[str] = []
         self._scored: dict[tuple[float, float], units.Inputs] = {}
 
     def inputs(self, plan: engine.Plan) -> units.Inputs:
@@ -89,6 +92,40 @@ class Run:
         self.done += n
         if self.progress is not None and runtime.is_main():
             self.progress(self.done, total)
+
+    def _footprint(self, plan: engine.Plan, index: Tensor) -> engine.Footprint:
+        """The memory a round of `plan` over this rank's share of `index` needs."""
+        errors = sum(len(units.PASS_ERRORS[p]) for p, on in (("main", plan.main), ("deq", plan.deq)) if on)
+        return engine.footprint(plan, len(engine.local_rows(index)), self.dataset.dim, errors)
+
+    def _shortfall(self, plan: engine.Plan, index: Tensor, held: int) -> tuple[int, int] | None:
+        """(bytes needed, bytes available) when a round of `plan` beside `held` kept bytes does not fit, else None."""
+        f = self._footprint(plan, index)
+        host, device = runtime.host_memory_available(), runtime.device_memory_available(self.device)
+        need = f.kept + held + (f.group if self.device.type != "cuda" else 0)
+        fits = need <= MEMORY_SHARE * host and (self.device.type != "cuda" or f.group <= MEMORY_SHARE * device)
+        return None if fits else (need if self.device.type != "cuda" else max(need, f.group), host)
+
+    def check_first(self, plans: dict[str, engine.Plan]) -> None:
+        """Refuse, before any work, a first round that cannot fit in memory, with the --points that would."""
+        plan = next(iter(plans.values()))
+        both = replace(plan, kinds=frozenset().union(*(p.kinds for p in plans.values())))
+        short = self._shortfall(both, self.index, 0)
+        if short is None:
+            return
+        fit = plan.points
+        while fit > 1 and self._shortfall(replace(both, points=fit), self.index, 0) is not None:
+            fit //= 2
+        evals = engine.evals_per_image(both) * len(self.index)
+        advice = (
+            f"give --points {fit:,} or fewer, or --limit to score fewer images"
+            if self._shortfall(replace(both, points=fit), self.index, 0) is None
+            else "give --limit to score fewer images, or --batch-size to make the network's batches smaller"
+        )
+        raise ItdError(
+            f"{len(self.index):,} images × {plan.points:,} points ({evals:,} network evaluations) would need about "
+            f"{_gb(short[0])} of memory and {_gb(short[1])} is available: {advice}"
+        )
 
     def _evaluate(self, plan: engine.Plan, index: Tensor) -> tuple[engine.Curves, int]:
         """One round of `plan` over `index`, counting network forwards and reporting progress."""
@@ -150,6 +187,18 @@ class Run:
         want = {p: plan.points for p, plan in plans.items()}
         while True:
             stream = self.round_count
+            held = sum(
+                self._footprint(replace(plans[p], points=int(c.logsnr.shape[1])), self.index).kept
+                for p, c in curves.items()
+            )
+            short = [p for p, k in want.items() if self._shortfall(replace(plans[p], points=k), self.index, held)]
+            if curves and short:
+                done = max(int(c.logsnr.shape[1]) for c in curves.values())
+                self.warnings.append(
+                    f"stopped at {done:,} points per image, above the target error: the next round would not fit in "
+                    f"memory ({_gb(runtime.host_memory_available())} available); give --limit to score fewer images"
+                )
+                return curves, self._score(curves, plans)
             for p, k in want.items():
                 more, evals = self._evaluate(replace(plans[p], points=k, stream=stream), self.index)
                 self.evals += evals
@@ -196,3 +245,8 @@ class Run:
             return 0
         wanted = math.ceil(done * (ratio**2 - 1))
         return min(max(MIN_ROUND_POINTS, wanted + wanted % 2), s.max_points - done)
+
+
+def _gb(size: float) -> str:
+    """Bytes as gigabytes."""
+    return f"{size / 1e9:,.1f} GB"
