@@ -149,6 +149,52 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class Stop:
+    """A stop requested by SIGINT or SIGTERM, taken at the next step boundary (exact resume, docs/finetune.md)."""
+
+    def __init__(self) -> None:
+        """No stop requested yet."""
+        self.signal: str | None = None
+
+    def requested(self) -> bool:
+        """Whether any rank was asked to stop (agreed over the ranks under torchrun, so none is left waiting)."""
+        asked = self.signal is not None
+        if distributed() and _active():
+            flag = torch.tensor([float(asked)], device=_comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item() > 0)
+            self.signal = self.signal or ("SIGINT" if asked else None)
+        return asked
+
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[Stop]:
+    """Turn the first SIGINT/SIGTERM into a request the loop honours between steps; a second one interrupts at once.
+
+    A signal that lands inside an optimizer step would otherwise leave weights, moments and RNG half-updated,
+    so a checkpoint written then could not be resumed bit for bit.
+    """
+    import signal
+    import threading
+
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.signal is not None:
+            raise KeyboardInterrupt
+        stop.signal = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def host_memory_available() -> int:
     """Bytes of host memory available to new allocations (Linux MemAvailable, else free physical pages)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):

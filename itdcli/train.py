@@ -185,6 +185,8 @@ def save(out: Path, setup: Setup, state: State, extra: dict[str, Any]) -> None:
         save_file(_cpu_state(setup.denoiser), str(tmp / checkpoints.RAW_WEIGHTS))
         tensors, meta = _optimizer_tensors(state.optimizer)
         tensors["rng.cpu"] = torch.get_rng_state()
+        if setup.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(setup.device)
         if state.ema is not None:
             tensors["ema.n_averaged"] = state.ema.n_averaged.cpu()
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "trainer.safetensors"))
@@ -209,6 +211,8 @@ def restore(out: Path, setup: Setup, state: State) -> None:
     for group in state.optimizer.param_groups:  # the options of this run, so that --resume --lr 1e-5 lowers it
         group["lr"], group["weight_decay"] = setup.lr, setup.weight_decay
     torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and setup.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], setup.device)
     if state.ema is not None:
         state.ema.module.load_state_dict(load_file(str(folder / checkpoints.WEIGHTS)))
         state.ema.n_averaged.copy_(tensors["ema.n_averaged"])
@@ -239,24 +243,28 @@ def run(
     if runtime.distributed():  # distinct dropout masks per rank (one process keeps its exact RNG stream)
         torch.manual_seed(runtime.generator(setup.seed + runtime.rank(), state.step).initial_seed())
     dim = setup.values[0].numel() * math.log(2)
-    try:
-        for step in _steps(state, setup.total_steps):
-            value = train_step(model, setup, state)
-            if state.step % (every["log"] or 1) == 0 or state.step == setup.total_steps:
-                log({"step": state.step, "loss_bpd": value / dim, "lr": setup.lr})
-            if every["eval"] and state.step % every["eval"] == 0:
-                evaluate(state.step)
-            if every["save"] and state.step % every["save"] == 0:
-                save(out, setup, state, {"step": state.step})
-            del step
-    except KeyboardInterrupt as exc:
-        save(out, setup, state, {"step": state.step})
-        raise ItdInterrupted(
-            f"interrupted at step {state.step}; checkpoint saved in {out}: continue with --resume"
-        ) from exc
-    except torch.cuda.OutOfMemoryError as exc:
-        half = max(1, setup.batch_size // 2)
-        raise ItdError(f"out of GPU memory at batch size {setup.batch_size}: try --batch-size {half}") from exc
+    with runtime.deferred_stop() as stop:
+        try:
+            for _ in _steps(state, setup.total_steps):
+                value = train_step(model, setup, state)
+                if state.step % (every["log"] or 1) == 0 or state.step == setup.total_steps:
+                    log({"step": state.step, "loss_bpd": value / dim, "lr": setup.lr})
+                if every["eval"] and state.step % every["eval"] == 0:
+                    evaluate(state.step)
+                if every["save"] and state.step % every["save"] == 0:
+                    save(out, setup, state, {"step": state.step})
+                if stop.requested():
+                    save(out, setup, state, {"step": state.step})
+                    raise ItdInterrupted(
+                        f"stopped by {stop.signal} at step {state.step}; checkpoint saved in {out}: continue with "
+                        "--resume (it goes on exactly as an uninterrupted run)"
+                    )
+        except KeyboardInterrupt as exc:  # a second signal: the step in flight is dropped, the last checkpoint kept
+            kept = f"the checkpoint of step {state.last_saved} is kept" if state.last_saved >= 0 else "nothing saved"
+            raise ItdInterrupted(f"interrupted twice during step {state.step}: {kept}; continue with --resume") from exc
+        except torch.cuda.OutOfMemoryError as exc:
+            half = max(1, setup.batch_size // 2)
+            raise ItdError(f"out of GPU memory at batch size {setup.batch_size}: try --batch-size {half}") from exc
     save(out, setup, state, {"step": state.step})
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from itdcli.errors import ItdError
+from itdcli.errors import ItdError, ItdOptionError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-iddpm": {
@@ -51,7 +51,7 @@ class FinetuneOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    out: Path
+    out: Path | None = None  # default: a new folder under the itd home's runs/
     preset: Literal["paper-iddpm", "paper-ddpm"] | None = None
     init: Literal["pretrained", "scratch"] = "pretrained"
     arch: str | None = None
@@ -76,6 +76,13 @@ class FinetuneOptions(BaseModel):
     logsnr_max: float | None = None
     resume: bool = False
     overwrite: bool = False
+
+    @property
+    def folder(self) -> Path:
+        """The run folder (`out`, which `finetune` always sets before training)."""
+        if self.out is None:
+            raise ItdOptionError("out", "no run folder was chosen: give --out DIR")
+        return self.out
 
     @model_validator(mode="before")
     @classmethod
@@ -138,9 +145,9 @@ def _network(model: Any, opts: FinetuneOptions, shape: tuple[int, ...], proposal
     from itdcli.models.registry import load_model
 
     if opts.resume:
-        folder = checkpoints.checkpoint_dir(opts.out)
+        folder = checkpoints.checkpoint_dir(opts.folder)
         if folder is None:
-            raise ItdError(f"nothing to resume in '{opts.out}': it holds no checkpoint; drop --resume to start")
+            raise ItdError(f"nothing to resume in '{opts.folder}': it holds no checkpoint; drop --resume to start")
         return checkpoints.build(checkpoints.read_description(folder))
     if opts.init == "scratch":
         from itdcli.models.iddpm import IDDPMDenoiser
@@ -168,7 +175,7 @@ def _check_out(opts: FinetuneOptions) -> None:
 
     `--overwrite` restarts only a finetune folder: anything else in it is named and refused, never deleted.
     """
-    out = opts.out
+    out = opts.folder
     if not out.exists():
         return
     if not out.is_dir():
@@ -264,12 +271,21 @@ def finetune(
     """
     from itdcli import outputs, runtime
 
-    opts = FinetuneOptions(**options)
+    from itdcli.api import records
+    from itdcli.api.options import parse_as
+
+    opts = parse_as(FinetuneOptions, options)
+    if opts.out is None and opts.resume:
+        raise ItdOptionError("out", "--resume needs --out DIR, the folder of the run to continue")
+    if opts.out is None and runtime.distributed():
+        raise ItdOptionError("out", "under torchrun give --out DIR, one folder that every process writes to")
+    out = opts.out or records.new_run_dir(f"finetune-{model or opts.arch or 'scratch'}", str(data))
+    opts = opts.model_copy(update={"out": out})
     _check_out(opts)
-    opts = opts.model_copy(update={"out": outputs.check(opts.out, "--out")})
+    opts = opts.model_copy(update={"out": outputs.check(out, "--out")})
     if not runtime.is_main():
         return _finetune(model, data, log, opts)
-    with outputs.claim(opts.out, "--out"):
+    with outputs.claim(opts.folder, "--out"):
         return _finetune(model, data, log, opts)
 
 
@@ -284,7 +300,7 @@ def _finetune(
     from itdcli.models import checkpoints
 
     if opts.overwrite and not opts.resume and runtime.is_main():
-        shutil.rmtree(opts.out / checkpoints.SUBFOLDER, ignore_errors=True)  # the user asked to start over
+        shutil.rmtree(opts.folder / checkpoints.SUBFOLDER, ignore_errors=True)  # the user asked to start over
     device = runtime.local_device(opts.device)
     runtime.init_distributed(device)
     if opts.precision == "bf16" and device.type != "cuda":
@@ -328,25 +344,25 @@ def _finetune(
     )
     state = train.State(0, train.make_optimizer(setup), train.make_ema(setup))
     if opts.resume:
-        train.restore(opts.out, setup, state)
+        train.restore(opts.folder, setup, state)
         if state.step >= total:
             raise ItdError(
-                f"the checkpoint in '{opts.out}' is at step {state.step}, at or beyond --steps {total}: nothing to "
+                f"the checkpoint in '{opts.folder}' is at step {state.step}, at or beyond --steps {total}: nothing to "
                 f"train; give a larger --steps to go on (e.g. --steps {state.step + total})"
             )
-    logger = _metrics_log(opts.out, state.step if opts.resume else None, log)
+    logger = _metrics_log(opts.folder, state.step if opts.resume else None, log)
     evaluate = _evaluator(opts, setup, state, logger)
     every = {"log": opts.log_every, "eval": opts.eval_every, "save": opts.save_every or per_epoch}
     start = time.perf_counter()
-    train.run(opts.out, setup, state, every, logger, evaluate)
+    train.run(opts.folder, setup, state, every, logger, evaluate)
     if opts.eval_data is not None and not (opts.eval_every and state.step % opts.eval_every == 0):
         evaluate(state.step)
-    plot = _plot(opts.out) if runtime.is_main() else None
+    plot = _plot(opts.folder) if runtime.is_main() else None
     return FinetuneResult(
-        out=str(opts.out),
+        out=str(opts.folder),
         steps=state.step,
         epochs=state.step / per_epoch,
-        train_loss_bpd=_last_loss(opts.out),
+        train_loss_bpd=_last_loss(opts.folder),
         eval=dict(evaluate.latest),
         seconds=time.perf_counter() - start,
         plot=plot,

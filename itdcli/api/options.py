@@ -6,7 +6,7 @@ No torch here, so that `itd --help` stays instant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
@@ -74,14 +74,22 @@ class NllOptions(BaseModel):
         return self
 
 
-def parse(options: dict[str, Any]) -> NllOptions:
-    """Validated options; an invalid one raises ItdOptionError naming its field."""
+Options = TypeVar("Options", bound=BaseModel)
+
+
+def parse_as(kind: type[Options], options: dict[str, Any]) -> Options:
+    """Validated options of `kind`; an invalid one raises ItdOptionError naming its field."""
     try:
-        return NllOptions(**options)
+        return kind(**options)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "options"
         raise ItdOptionError(field, first["msg"].removeprefix("Value error, ")) from None
+
+
+def parse(options: dict[str, Any]) -> NllOptions:
+    """Validated `itd nll` options (ItdOptionError naming the field of an invalid one)."""
+    return parse_as(NllOptions, options)
 
 
 def default(name: str) -> object:

@@ -19,7 +19,7 @@ ReferenceOpt = Annotated[
         help="Data for the Gaussian reference N(μ,Σ) (default: the family's training split), or standard-normal."
     ),
 ]
-PointsOpt = Annotated[int, typer.Option(help="logSNR points per image, drawn from the proposal (see --scheme).")]
+PointsOpt = Annotated[int, typer.Option(help="logSNR points per image, drawn from the proposal.")]
 BudgetOpt = Annotated[
     int | None,
     typer.Option(

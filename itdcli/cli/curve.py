@@ -11,7 +11,8 @@ from itdcli.cli._render import console, progress_bar
 
 def curve_command(
     runs: Annotated[
-        list[Path] | None, typer.Argument(help="Run folders written by itd nll (default: the latest run).")
+        list[Path] | None,
+        typer.Argument(metavar="RUN_DIR", help="Run folders written by itd nll (default: the latest run)."),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Figure to write: .pdf, .png or .svg.")] = Path("curve.pdf"),
     model: Annotated[str | None, typer.Option("--model", "-m", help="Compute a curve for this model.")] = None,
@@ -42,4 +43,5 @@ def curve_command(
     if json_out:
         typer.echo(result.model_dump_json(indent=2))
     else:
-        console.print(f"wrote {result.path} ({len(result.series)} curves)", highlight=False)
+        drawn = ", ".join(result.runs)
+        console.print(f"wrote {result.path} ({len(result.series)} curves) from {drawn}", highlight=False)

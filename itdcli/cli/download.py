@@ -38,7 +38,9 @@ _BASIS = {
 
 
 def download_command(
-    names: Annotated[list[str] | None, typer.Argument(help=f"What to download: {NAMES}.", show_default=False)] = None,
+    names: Annotated[
+        list[str] | None, typer.Argument(metavar="NAME", help=f"What to download: {NAMES}.", show_default=False)
+    ] = None,
     folder: Annotated[
         Path | None,
         typer.Option("--dir", help="Put everything in this folder (default: the itd home's models/ and data/)."),

@@ -11,7 +11,7 @@ from itdcli.cli._render import console, progress_bar
 
 
 def ensemble_command(
-    data: Annotated[str, typer.Argument(help="Dataset to score (as for itd nll).")],
+    data: Annotated[str, typer.Argument(metavar="DATA", help="Dataset to score (as for itd nll).")],
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="A member model; repeat.")] = None,
     run: Annotated[list[Path] | None, typer.Option("--run", help="A saved itd nll run to use as a member.")] = None,
     select_on: Annotated[str | None, typer.Option(help="Choose per logSNR on this data instead.")] = None,
@@ -29,7 +29,7 @@ def ensemble_command(
     overwrite: o.OverwriteOpt = False,
     json_out: o.JsonOpt = False,
 ) -> None:
-    """Combine models per logSNR (the Gaussian reference is always a member) for a tighter likelihood."""
+    """Combine models per logSNR into one ensemble's bound, named as one (add --model gaussian for N(μ,Σ))."""
     from itdcli.api.ensemble import ensemble
 
     shared: dict[str, Any] = {"points": points, "seed": seed, "batch_size": batch_size, "device": device}

@@ -19,9 +19,18 @@ def _echo(entry: dict[str, Any]) -> None:
 
 
 def finetune_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint/, metrics.jsonl, metrics.png.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run folder: checkpoint/, metrics.jsonl, metrics.png (default: a new folder under the itd home's "
+            "runs/; needed for --resume).",
+        ),
+    ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Model to fine-tune (name, path, itd run).")
+        str | None,
+        typer.Option("--model", "-m", help="Model to fine-tune (name, path, itd run); required unless --init scratch."),
     ] = None,
     data: Annotated[str, typer.Option("--data", "-d", help="Training data.")] = "digits_train",
     preset: Annotated[str | None, typer.Option(help="paper-iddpm or paper-ddpm: the paper's settings.")] = None,

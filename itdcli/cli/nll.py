@@ -13,7 +13,8 @@ def nll_command(
     data: Annotated[
         str,
         typer.Argument(
-            help="Dataset: digits_test, cifar_test (after itd download cifar10), an image folder, a .npz file."
+            metavar="DATA",
+            help="Dataset: digits_test, cifar_test (after itd download cifar10), an image folder, a .npz file.",
         ),
     ],
     model: o.ModelOpt = "gaussian",

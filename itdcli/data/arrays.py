@@ -45,22 +45,36 @@ def check_not_empty(arr: npt.NDArray[Any], what: str) -> None:
         raise ItdError(f"{what} is empty (shape {tuple(arr.shape)}); give at least one non-empty sample")
 
 
+def _levels_advice(arr: npt.NDArray[Any]) -> str:
+    """What to give so that integer data can be read: a --levels that is allowed, or what to change first."""
+    high = int(arr.max())
+    step = int(np.gcd.reduce(arr.reshape(-1).astype(np.int64)))
+    as_is = f"give --levels {max(high + 1, 2)} (or more, up to {MAX_LEVELS})" if high + 1 <= MAX_LEVELS else None
+    if step > 1 and high // step + 1 <= MAX_LEVELS:
+        scaled = (
+            f"its values are multiples of {step}: divide the array by {step}, then give --levels {high // step + 1}"
+        )
+        return scaled + (f"; or, to read them as they are, {as_is}" if as_is else "")
+    return (
+        as_is
+        or f"more than {MAX_LEVELS} levels are not supported: save the data as float32 to score them as continuous"
+    )
+
+
 def as_levels(arr: npt.NDArray[Any], levels: int | None, what: str) -> tuple[npt.NDArray[Any], int]:
     """Validate integer data as level indices 0..L-1 and cast to the storage dtype; returns (array, L)."""
-    if levels is None:
-        if arr.dtype != np.uint8:
-            raise ItdError(
-                f"{what} holds {arr.dtype.name} integers; give --levels L to read them as level indices 0..L-1"
-            )
-        levels = 256
-    levels = check_levels(levels)
     low, high = int(arr.min()), int(arr.max())
     if low < 0:
         raise ItdError(f"{what} holds negative values (min {low}); integer data must be level indices 0..L-1")
+    if levels is None:
+        if arr.dtype != np.uint8:
+            raise ItdError(
+                f"{what} holds {arr.dtype.name} integers read as level indices 0..L-1: {_levels_advice(arr)}"
+            )
+        levels = 256
+    levels = check_levels(levels)
     if high > levels - 1:
-        raise ItdError(
-            f"{what} holds values up to {high}, outside the levels 0..{levels - 1}; give --levels {high + 1} or more"
-        )
+        raise ItdError(f"{what} holds values up to {high}, outside the levels 0..{levels - 1}: {_levels_advice(arr)}")
     return arr.astype(storage_dtype(levels), copy=False), levels
 
 
