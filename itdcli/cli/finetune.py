@@ -103,4 +103,5 @@ def finetune_command(
     )
     for name, value in result.eval.items():
         console.print(f"  eval {name}: {value:.4f} bits/dim", highlight=False)
-    console.print(f"model: {out} (use --model {out}); metrics: {out / 'metrics.jsonl'}", highlight=False)
+    folder = Path(result.out)
+    console.print(f"model: {folder} (use --model {folder}); metrics: {folder / 'metrics.jsonl'}", highlight=False)

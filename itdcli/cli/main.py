@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 from typer.exceptions import TyperException
@@ -47,7 +48,7 @@ EXAMPLES = {  # shown under each command's help; "\b" keeps click from re-wrappi
     "finetune": ("itd finetune --model ddpm", "itd finetune --init scratch --steps 200 --out run1"),
     "ensemble": ("itd ensemble digits_test --model digits --model gaussian",),
 }
-COMMANDS = {
+COMMANDS: dict[str, Callable[..., None]] = {
     "nll": nll_command,
     "curve": curve_command,
     "download": download_command,

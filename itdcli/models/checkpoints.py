@@ -45,7 +45,8 @@ def describe(denoiser: Any) -> dict[str, Any]:
     if family == "diffusers":
         arch = {k: v for k, v in dict(denoiser.unet.config).items() if not k.startswith("_")}
         table = [float(v) for v in denoiser.logsnr_table]
-        return {**base, "arch": arch, "prediction_type": denoiser.prediction_type, "logsnr_table": table}
+        extra = {"prediction_type": denoiser.prediction_type, "variance": denoiser.variance}
+        return {**base, "arch": arch, **extra, "logsnr_table": table}
     raise ItdError("only IDDPM and diffusers UNet models can be fine-tuned and saved; the Gaussian needs no training")
 
 
@@ -66,7 +67,10 @@ def build(desc: dict[str, Any]) -> torch.nn.Module:
         unet = cast(Any, UNet2DModel).from_config(desc["arch"])
         abar = torch.sigmoid(torch.tensor(desc["logsnr_table"], dtype=torch.float64))
         time_map = desc["time_map"]
-        denoiser = DiffusersDenoiser(unet, abar, prediction_type=desc["prediction_type"], time_map=time_map)
+        variance = desc.get("variance", "fixed_small")
+        denoiser = DiffusersDenoiser(
+            unet, abar, prediction_type=desc["prediction_type"], time_map=time_map, variance=variance
+        )
     else:
         raise ItdError(f"unknown model family {desc.get('family')!r} in {DESCRIPTION}: this itd cannot load it")
     denoiser.trained_logsnr = tuple(desc["trained_logsnr"])

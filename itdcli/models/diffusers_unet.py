@@ -14,7 +14,9 @@ from typing import Any, Literal, TypeVar, cast, get_args
 import torch
 from torch import Tensor
 
+from itdcli.core.kinds import VarianceKind
 from itdcli.errors import ItdError
+from itdcli.models.base import DiscreteTime
 
 TimeMap = Literal["exact", "reference"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -147,6 +149,7 @@ class DiffusersDenoiser(torch.nn.Module):
         *,
         prediction_type: str = "epsilon",
         time_map: TimeMap = "exact",
+        variance: str = "fixed_small",
     ) -> None:
         """Keep the UNet, the float64 log-SNR table λ_t and the chosen time map; check the options (§3.4)."""
         super().__init__()
@@ -154,8 +157,11 @@ class DiffusersDenoiser(torch.nn.Module):
             raise ItdError(f"unsupported prediction_type '{prediction_type}': use epsilon, v_prediction or sample")
         if time_map not in get_args(TimeMap):
             raise ItdError(f"unknown time map '{time_map}': use 'exact' (default) or 'reference'")
+        if variance not in get_args(VarianceKind):
+            raise ItdError(f"unsupported variance_type '{variance}': itd knows {', '.join(get_args(VarianceKind))}")
         self.unet = unet
         self.prediction_type = prediction_type
+        self.variance: VarianceKind = cast(VarianceKind, variance)
         self.time_map: TimeMap = time_map
         self.logsnr_table = logsnr_table(alphas_cumprod)
         self.fine_abar = reference_alphas_cumprod() if time_map == "reference" else None
@@ -174,14 +180,25 @@ class DiffusersDenoiser(torch.nn.Module):
             return reference_timesteps(gamma, self.fine_abar)
         return exact_timesteps(gamma, self.logsnr_table)
 
-    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
-        """ε̂ for z (B, C, H, W) on the [−1, 1] scale and one logSNR per sample (B,) (spec models.md §1)."""
+    @property
+    def discrete_time(self) -> DiscreteTime:
+        """The scheduler's ᾱ table and its variance_type, for the variational bound."""
+        abar = torch.sigmoid(self.logsnr_table)
+        return DiscreteTime(abar, self.variance, f"diffusers scheduler, T = {abar.numel()}, {self.variance}")
+
+    def outputs(self, z: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ε̂ and, for a learned-variance UNet (twice the input's channels), the interpolation channels v."""
         gamma = logsnr.detach().to(torch.float64).reshape(-1).expand(z.shape[0])
         t = self.timesteps(gamma).to(device=z.device, dtype=torch.float32)
         out: Tensor = self.unet(z, t).sample
+        v = None
         if out.shape[1] == 2 * z.shape[1]:
-            out = out[:, : z.shape[1]]
-        return to_epsilon(out, z, gamma, self.prediction_type)
+            out, v = out[:, : z.shape[1]], out[:, z.shape[1] :]
+        return to_epsilon(out, z, gamma, self.prediction_type), v
+
+    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
+        """ε̂ for z (B, C, H, W) on the [−1, 1] scale and one logSNR per sample (B,) (spec models.md §1)."""
+        return self.outputs(z, logsnr)[0]
 
     def out_of_range(self, lo: float, hi: float) -> str | None:
         """One line for the integrator to print when [lo, hi] leaves the trained logSNR range (§3.4)."""
@@ -362,8 +379,8 @@ def _load_unet(unet_dir: Path) -> torch.nn.Module:
     return cast(torch.nn.Module, unet)
 
 
-def _load_scheduler(sched_dir: Path) -> tuple[Tensor, str]:
-    """The ᾱ table and prediction_type of whatever diffusers scheduler class the config names (§3.4)."""
+def _load_scheduler(sched_dir: Path) -> tuple[Tensor, str, str]:
+    """The ᾱ table, prediction_type and variance_type of whatever diffusers scheduler class the config names."""
     import diffusers
 
     name = str(_read_json(sched_dir / SCHEDULER_NAME).get("_class_name", ""))
@@ -378,7 +395,8 @@ def _load_scheduler(sched_dir: Path) -> tuple[Tensor, str]:
     abar = getattr(scheduler, "alphas_cumprod", None)
     if not isinstance(abar, Tensor):
         raise ItdError(f"scheduler {name} has no alphas_cumprod table: itd needs a DDPM-style (VP) scheduler")
-    return abar, str(scheduler.config.get("prediction_type", "epsilon"))
+    config = scheduler.config
+    return abar, str(config.get("prediction_type", "epsilon")), str(config.get("variance_type", "fixed_small"))
 
 
 def _resolve_folder(path_or_repo: str | os.PathLike[str], local_files_only: bool) -> Path:
@@ -432,6 +450,6 @@ def load_diffusers(
     unet_dir = _unet_dir(root)
     _check_unet_class(unet_dir)
     sched_dir = _scheduler_dir(root, unet_dir)
-    abar, prediction_type = _load_scheduler(sched_dir)
+    abar, prediction_type, variance = _load_scheduler(sched_dir)
     unet = _load_unet(unet_dir)
-    return DiffusersDenoiser(unet, abar, prediction_type=prediction_type, time_map=time_map)
+    return DiffusersDenoiser(unet, abar, prediction_type=prediction_type, time_map=time_map, variance=variance)

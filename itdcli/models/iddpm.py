@@ -13,7 +13,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from itdcli.core.kinds import VarianceKind
 from itdcli.errors import ItdError
+from itdcli.models.base import DEFAULT_DISCRETE_TIME, DiscreteTime
 from itdcli.models.iddpm_unet import IDDPMConfig, IDDPMUNet
 
 __all__ = [
@@ -115,16 +117,33 @@ class IDDPMDenoiser(nn.Module):
         """The time input the network receives for each logSNR, in float64."""
         return TIME_MAPS[self.time_map](logsnr)
 
-    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
-        """ε̂ shaped and typed like z; channels split off only when the output has twice the input's (spec §4 #2)."""
+    @property
+    def discrete_time(self) -> DiscreteTime:
+        """The checkpoint's cosine schedule (T = 4000); learned variance when the network has the extra channels.
+
+        A network trained by itd on logSNR itself (time map `logsnr`) has no schedule of its own: the default.
+        """
+        if self.time_map not in ("exact", "reference"):
+            return DEFAULT_DISCRETE_TIME
+        learned = self.unet.config.out_channels == 2 * self.input_shape[0]
+        variance: VarianceKind = "learned_range" if learned else "fixed_large"
+        return DiscreteTime(cosine_alphas_cumprod(STEPS), variance, f"IDDPM cosine, T = {STEPS}, {variance}")
+
+    def outputs(self, z: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ε̂ and, for a learned-variance checkpoint, the interpolation channels v (improved-diffusion's layout)."""
         channels = self.input_shape[0]
         if z.dim() != 4 or z.shape[1] != channels:
             raise ItdError(f"IDDPM model expects images shaped (B, {channels}, H, W), got {tuple(z.shape)}")
         dtype = next(self.unet.parameters()).dtype
         t = self.network_time(logsnr).to(device=z.device, dtype=torch.promote_types(dtype, torch.float32))
         out: Tensor = self.unet(z.to(dtype), t)
-        eps = out[:, :channels] if out.shape[1] == 2 * channels else out
-        return eps.to(z.dtype)
+        if out.shape[1] != 2 * channels:
+            return out.to(z.dtype), None
+        return out[:, :channels].to(z.dtype), out[:, channels:].to(z.dtype)
+
+    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
+        """ε̂ shaped and typed like z; channels split off only when the output has twice the input's (spec §4 #2)."""
+        return self.outputs(z, logsnr)[0]
 
 
 def is_iddpm_checkpoint(path: str | Path) -> bool:
