@@ -270,7 +270,6 @@ def finetune(
     network is built from `arch`. `log(entry)` receives each metrics line as it is written to metrics.jsonl.
     """
     from itdcli import outputs, runtime
-
     from itdcli.api import records
     from itdcli.api.options import parse_as
 

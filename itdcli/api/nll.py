@@ -17,14 +17,22 @@ from itdcli import runtime
 from itdcli.api import records
 from itdcli.api.options import NllOptions
 from itdcli.api.options import parse as parse_options
-from itdcli.api.results import DataInfo, EstimateResult, NllResult, ProposalInfo, ReferenceInfo, TailInfo
+from itdcli.api.results import (
+    DataInfo,
+    EstimateResult,
+    NllResult,
+    ProposalInfo,
+    ReferenceInfo,
+    SolverInfo,
+    TailInfo,
+)
 from itdcli.core import estimators as est
 from itdcli.core import tails
 from itdcli.core.gaussian import GaussianReference
 from itdcli.core.proposal import Proposal, logistic_from_spectrum
 from itdcli.core.units import bits_per_dim
 from itdcli.errors import ItdError
-from itdcli.evaluation import rounds, units
+from itdcli.evaluation import likelihoods, rounds, scoring, units
 
 EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
 FLOAT32_LOGSNR_LIMIT = 30.0
@@ -44,16 +52,16 @@ def _estimator_names(opts: NllOptions, discrete_data: bool) -> list[str]:
     if opts.discrete and opts.estimator not in (None, "discrete"):
         raise ItdError(f"--discrete conflicts with --estimator {opts.estimator}: give one of them")
     choice = "discrete" if opts.discrete else opts.estimator
-    if choice in ("discrete", "dequantized") and not discrete_data:
+    if choice in ("discrete", "dequantized", "vlb") and not discrete_data:
         raise ItdError(
-            f"the {choice} estimator needs discrete data, but these are float values: "
-            "use --estimator continuous, or give integer data (uint8 images, or an integer .npz with --levels)"
+            f"the {choice} estimator needs discrete data, but these are float values: use --estimator continuous "
+            "or ode, or give integer data (uint8 images, or an integer .npz with --levels)"
         )
     continuous = ["continuous", "continuous_pointwise"]
     if choice is None:
         return ["discrete", "dequantized"] if discrete_data else continuous
     if choice == "all":
-        return [*continuous, *(["discrete", "dequantized"] if discrete_data else [])]
+        return [*continuous, *(["discrete", "dequantized", "vlb"] if discrete_data else []), "ode"]
     return continuous if choice == "continuous" else [choice]
 
 
@@ -170,15 +178,54 @@ def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
     )
 
 
-def _arrays(curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int) -> dict[str, torch.Tensor]:
+def _solve(
+    names: list[str],
+    net: Any,
+    dataset: Any,
+    index: torch.Tensor,
+    device: torch.device,
+    ref: GaussianReference,
+    plan: Any,
+    opts: NllOptions,
+    target: float | None,
+) -> dict[str, Any]:
+    """The solver estimators (variational bound, probability-flow ODE) on the same images and range."""
+    p = plan.proposal
+    inp = likelihoods.SolverInputs(
+        net,
+        dataset,
+        index,
+        device,
+        ref,
+        opts.seed,
+        plan.batch_size,
+        target,
+        p.logsnr_min,
+        p.logsnr_max,
+        opts.vlb_full,
+        opts.probes,
+        opts.rtol,
+        opts.atol,
+    )
+    return {name: units.SOLVERS[name].run(inp) for name in names}
+
+
+def _solver_arrays(solved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What the solver estimators keep beside the per-image values (the VLB's per-step profile)."""
+    return {k: v for done in solved.values() for k, v in done.arrays.items()}
+
+
+def _arrays(
+    curves: dict[str, Any], scores: Any, ref: GaussianReference, dim: int, index: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The per-image and per-cell arrays saved beside result.json; a dequantized pass on points of its own under deq/.
 
     When both passes drew the same points, their errors are saved side by side at the top level.
     """
-    main = curves["main"] if "main" in curves else curves["deq"]
-    arrays = {"index": main.index, "eigvals": ref.eigvals, **main.to_arrays()}
+    main = curves.get("main", curves.get("deq"))
+    arrays = {"index": index, "eigvals": ref.eigvals, **({} if main is None else main.to_arrays())}
     deq = curves.get("deq")
-    if deq is not None and deq is not main:
+    if deq is not None and main is not None and deq is not main:
         same = torch.equal(deq.logsnr, main.logsnr)
         arrays.update(
             deq.subset(tuple(k for k in deq.errors if k not in main.errors or not same)).to_arrays()
@@ -263,18 +310,25 @@ def _nll(
         opts.control_variate,
         opts.paper_clamp,
     )
-    run = rounds.Run(net, dataset, ref, device, index, names, settings, progress)
+    integrals = [n for n in names if n in units.UNITS]
+    run = rounds.Run(net, dataset, ref, device, index, integrals, settings, progress)
     start = time.perf_counter()
     plans = run.plans(plan)
-    run.check_first(plans)
-    if opts.adapt:
-        plans = run.adapt(plans)
-    curves, scores = run.rounds(plans)
+    curves: dict[str, engine.Curves] = {}
+    scores = scoring.Scores()
+    if integrals:
+        run.check_first(plans)
+        if opts.adapt:
+            plans = run.adapt(plans)
+        curves, scores = run.rounds(plans)
     seconds = time.perf_counter() - start
-    main = curves["main"] if "main" in curves else curves["deq"]
-    plan = plans["main"] if "main" in plans else plans["deq"]
+    main = curves.get("main", curves.get("deq"))
+    plan = plans.get("main", plans.get("deq", plan))
     proposal = plan.proposal
-    tails = _tails(names, run.inputs(plan), tail_limit(opts, dataset.dim))
+    tails = _tails(integrals, run.inputs(plan), tail_limit(opts, dataset.dim)) if integrals else {}
+    solved = _solve([n for n in names if n in units.SOLVERS], net, dataset, index, device, ref, plan, opts, target)
+    for name, done in solved.items():
+        scores.estimates[name] = done.estimate
     reported = list(scores.estimates)
     result = NllResult(
         itd_version=__version__,
@@ -290,7 +344,7 @@ def _nll(
         reference=_reference_info(resolved, opts),
         proposal=_proposal_info(proposal, opts),
         deq_proposal=_proposal_info(plans["deq"].proposal, opts) if "deq" in plans and "main" in plans else None,
-        points=int(main.logsnr.shape[1]),
+        points=0 if main is None else int(main.logsnr.shape[1]),
         deq_points=int(curves["deq"].logsnr.shape[1]) if "deq" in curves else None,
         seed=opts.seed,
         batch_size=plan.batch_size,
@@ -304,6 +358,10 @@ def _nll(
         worse_than_reference={k: [list(span) for span in v] for k, v in scores.worse.items() if v},
         missing_above_bpd={k: v for k, v in scores.missing.items()},
         evals_per_image=run.evals / len(index),
+        solvers={
+            n: SolverInfo(evals_per_image=d.evals_per_image, seconds=d.seconds, details=d.details)
+            for n, d in solved.items()
+        },
         seconds=seconds,
         device=str(device),
         precision=plan.precision.describe(),
@@ -321,8 +379,8 @@ def _nll(
         warnings=_run_warnings(reference, dataset, proposal, denoiser)
         + _range_warnings(opts, tails, scores, dataset.dim)
         + run.warnings,
-        notes=_notes(_model_name(model), names, scores, dataset.levels, proposal),
-        arrays=_arrays(curves, scores, ref, dataset.dim),
+        notes=_notes(_model_name(model), integrals, scores, dataset.levels, proposal),
+        arrays={**_arrays(curves, scores, ref, dataset.dim, index), **_solver_arrays(solved)},
     )
     if opts.save:
         _save(result, opts.out, dataset.name)

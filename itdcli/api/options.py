@@ -62,6 +62,10 @@ class NllOptions(BaseModel):
     scale: float | None = Field(None, gt=0)
     levels: StrictInt | None = Field(None, ge=2)
     time_map: TimeMapName = "exact"
+    vlb_full: bool = False  # the variational bound over every step, as calc_bpd_loop (else stratified steps)
+    probes: Annotated[StrictInt, Field(ge=2)] = 4  # Hutchinson probes per image for the ODE's divergence
+    rtol: float = Field(1e-5, gt=0)
+    atol: float = Field(1e-5, gt=0)
     out: Path | None = None
     overwrite: bool = False
     save: bool = True

@@ -67,6 +67,14 @@ class TailInfo(BaseModel):
     limit_bpd: float
 
 
+class SolverInfo(BaseModel):
+    """What a solver estimator (vlb, ode) cost and how it ran: schedule, steps, solver, probes, error source."""
+
+    evals_per_image: float
+    seconds: float
+    details: dict[str, str | float | int] = Field(default_factory=dict)
+
+
 class NllResult(BaseModel):
     """Everything needed to read and reproduce one `itd nll` run; per-image arrays ride along in `arrays`."""
 
@@ -93,7 +101,8 @@ class NllResult(BaseModel):
     tails: dict[str, TailInfo] = Field(default_factory=dict)
     worse_than_reference: dict[str, list[list[float]]] = Field(default_factory=dict)
     missing_above_bpd: dict[str, float] = Field(default_factory=dict)
-    evals_per_image: float
+    evals_per_image: float  # of the I-MMSE passes (pilot included); each solver estimator's own are in `solvers`
+    solvers: dict[str, SolverInfo] = Field(default_factory=dict)
     seconds: float
     device: str
     precision: str

@@ -80,7 +80,8 @@ def _tails(result: NllResult) -> str:
 def print_nll(result: NllResult) -> None:
     """The table of bits/dim per estimator, evaluations and time, then where the run was saved."""
     d = result.data
-    title = f"{result.model} on {d.name} ({d.n_images} images, {result.points} logSNR points each)"
+    points = f", {result.points} logSNR points each" if result.points else ""
+    title = f"{result.model} on {d.name} ({d.n_images} images{points})"
     if result.bound == "paper-clamp":
         title += "; paper clamp: switches to N(μ,Σ) per logSNR (an ensemble, not the model's own bound)"
     table = Table(title=title, title_justify="left")
@@ -88,22 +89,41 @@ def print_nll(result: NllResult) -> None:
     table.add_column("bits/dim", justify="right")
     table.add_column("nats/image", justify="right")
     table.add_column("± over images", justify="right")
+    if result.solvers:
+        table.add_column("evals/image", justify="right")
+        table.add_column("seconds", justify="right")
     for name, e in result.estimates.items():
         spread = "" if e.sampling_stderr_bpd is None else f"{e.sampling_stderr_bpd:.4f}"
-        table.add_row(name, _pm(e.bpd, e.stderr_bpd), _pm(e.nats, e.stderr_nats), spread)
+        row = [name, _pm(e.bpd, e.stderr_bpd), _pm(e.nats, e.stderr_nats), spread]
+        if result.solvers:
+            own = result.solvers.get(name)
+            row += [f"{own.evals_per_image:,.0f}", f"{own.seconds:.1f}"] if own else ["I-MMSE", "I-MMSE"]
+        table.add_row(*row)
     console.print(table)
+    for name, info in result.solvers.items():
+        said = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.details.items())
+        console.print(f"{name}: {said}", highlight=False)
     p = result.proposal
     rounds = f" in {result.rounds} rounds" if result.rounds > 1 else ""
     aims = [f"± {result.target_stderr_bpd:g}"] if result.target_stderr_bpd else []
     aims += [f"± {result.target_image_stderr_bpd:g} per image"] if result.target_image_stderr_bpd else []
     target = f" (target {', '.join(aims)})" if aims else ""
+    if not result.points:  # solver estimators alone: no I-MMSE pass ran
+        console.print(f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}]; on {result.device}", highlight=False)
+    else:
+        _footer(result, rounds, target)
+    for line in result.notes:
+        console.print(f"note: {line}", highlight=False)
+    if result.run_dir:
+        console.print(f"saved run: {result.run_dir}", highlight=False)
+
+
+def _footer(result: NllResult, rounds: str, target: str) -> None:
+    """The I-MMSE passes' range, tails, proposal, evaluations and time."""
+    p = result.proposal
     console.print(
         f"logSNR range [{p.logsnr_min:.3f}, {p.logsnr_max:.3f}]{_tails(result)}; {p.kind} proposal "
         f"(loc {p.loc:.3f}, scale {p.scale:.3f}); {result.evals_per_image:.1f} network evaluations per image"
         f"{rounds}{target}, pilot included; {result.seconds:.1f} s on {result.device}",
         highlight=False,
     )
-    for line in result.notes:
-        console.print(f"note: {line}", highlight=False)
-    if result.run_dir:
-        console.print(f"saved run: {result.run_dir}", highlight=False)

@@ -22,7 +22,8 @@ def nll_command(
     estimator: Annotated[
         str | None,
         typer.Option(
-            help="continuous, discrete, dequantized or all (default: discrete and dequantized on integer data)."
+            help="continuous, discrete, dequantized, vlb (variational bound), ode (probability-flow ODE) or all "
+            "(default: discrete and dequantized on integer data)."
         ),
     ] = None,
     points: o.BudgetOpt = None,
@@ -114,6 +115,20 @@ def nll_command(
             f"(default {default('time_map')})."
         ),
     ] = None,
+    vlb_full: Annotated[
+        bool,
+        typer.Option("--vlb-full", help="The variational bound over every step (calc_bpd_loop), not a sample."),
+    ] = False,
+    probes: Annotated[
+        int | None,
+        typer.Option(help=f"Hutchinson probes per image for the ODE's divergence (default {default('probes')})."),
+    ] = None,
+    rtol: Annotated[
+        float | None, typer.Option(help=f"ODE solver relative tolerance (default {default('rtol')}).")
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option(help=f"ODE solver absolute tolerance (default {default('atol')}).")
+    ] = None,
     out: o.OutDirOpt = None,
     overwrite: o.OverwriteOpt = False,
     json_out: o.JsonOpt = False,
@@ -152,6 +167,10 @@ def nll_command(
         "logsnr_max": logsnr_max,
         "levels": levels,
         "time_map": time_map,
+        "vlb_full": vlb_full,
+        "probes": probes,
+        "rtol": rtol,
+        "atol": atol,
         "out": out,
         "overwrite": overwrite,
     }

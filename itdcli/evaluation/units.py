@@ -20,6 +20,7 @@ from torch import Tensor
 
 from itdcli.core import controls, tails
 from itdcli.core.gaussian import GaussianReference
+from itdcli.evaluation import likelihoods
 
 F64 = torch.float64
 Kind = Literal["model", "round", "deq"]
@@ -200,9 +201,23 @@ UNITS: dict[str, Unit] = {
 }
 
 
+@dataclass(frozen=True)
+class Solver:
+    """An estimator that is not an I-MMSE integral: its own routine on the same model and images (docs/math.md)."""
+
+    name: str
+    discrete_only: bool
+    run: Callable[[likelihoods.SolverInputs], likelihoods.Solved]
+
+
+SOLVERS: dict[str, Solver] = {
+    s.name: s for s in (Solver("vlb", True, likelihoods.vlb), Solver("ode", False, likelihoods.ode))
+}
+
+
 def units(names: list[str]) -> list[Unit]:
-    """The units of the named estimators, in order."""
-    return [UNITS[n] for n in names]
+    """The I-MMSE units among the named estimators, in order (solver estimators run apart)."""
+    return [UNITS[n] for n in names if n in UNITS]
 
 
 def kinds(names: list[str]) -> frozenset[Kind]:
@@ -219,6 +234,8 @@ def tail_range(names: list[str], ref: GaussianReference, levels: int | None, lim
     γ_L bounds the Gaussian left tail, the most any estimator's left term can hold; γ_R is the largest of
     the units' right ends (hard rounding for the discrete form, the identity decoder for the continuous ones).
     """
+    if not units(names):  # solver estimators alone: the ODE starts where the identity decoder's tail is small
+        names = ["dequantized"] if levels else ["continuous"]
     centre = -float(ref.log_eigvals.mean())
     lo = tails.solve_end(lambda g: tails.gaussian_left_tail(g, ref.log_eigvals), limit, centre, -1.0)
     ends = [tails.solve_end(_right(u, ref, levels), limit, centre, 1.0) for u in units(names)]

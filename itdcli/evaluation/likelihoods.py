@@ -1,0 +1,269 @@
+"""The two likelihoods that are not I-MMSE integrals, on the same model and images (docs/math.md, Three likelihoods).
+
+`vlb`: the discrete-time variational bound of the model's own schedule (improved-diffusion's `calc_bpd_loop`),
+either every step (`full`) or an unbiased stratified sample of steps per image with importance weights from a
+pilot, the decoder step t = 0 always evaluated twice. `ode`: the probability-flow ODE's log-density, on
+dequantized x + δ(u − ½) for integer data (Score SDE's) or on x itself for float data. Both return per-image
+nats with their Monte Carlo variances, so they sit in the same table as the I-MMSE estimators.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from itdcli import runtime
+from itdcli.core import ode as flow
+from itdcli.core import vlb as bound
+from itdcli.core.estimators import Estimate
+from itdcli.core.gaussian import GaussianReference
+from itdcli.data import Dataset
+from itdcli.errors import ItdError
+from itdcli.models import base
+from itdcli.models.base import Denoiser
+
+F64 = torch.float64
+FIRST_STEPS = 32  # timesteps per image in the first round of the stratified bound
+PILOT_IMAGES, PILOT_GRID = 16, 64  # the pilot's images and evenly spaced timesteps, for the importance weights
+PROPOSAL_FLOOR = 1e-3  # of the largest pilot term: every step keeps some probability
+DEQ_DRAWS = 2  # dequantization draws per image for the ODE on integer data (their spread is the error)
+VLB_STREAM, ODE_STREAM = 1000, 2000  # generator streams, apart from the I-MMSE passes' rounds
+NOISE_STREAMS = 10_000  # the step terms' noise, apart from the streams that draw their timesteps
+
+
+@dataclass(frozen=True)
+class SolverInputs:
+    """What a solver estimator reads: network, scored images, range, reference and its own settings."""
+
+    net: Denoiser
+    dataset: Dataset
+    index: Tensor
+    device: torch.device
+    ref: GaussianReference
+    seed: int
+    batch_size: int
+    target: float | None  # bpd for the dataset's Monte Carlo standard error
+    logsnr_min: float
+    logsnr_max: float
+    vlb_full: bool = False
+    probes: int = 4
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+
+@dataclass
+class Solved:
+    """Per-image nats and variances, network evaluations per image, seconds, and what the result should record."""
+
+    estimate: Estimate
+    evals_per_image: float
+    seconds: float
+    details: dict[str, str | float | int] = field(default_factory=dict)
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _nats(bpd: Tensor, dim: int) -> Tensor:
+    """Bits per dimension to nats per image."""
+    return bpd * dim * math.log(2)
+
+
+class _Steps:
+    """Step terms L_t of the variational bound for (image, timestep) cells, in nats, batched through the network."""
+
+    def __init__(self, inp: SolverInputs) -> None:
+        """Read the model's schedule (or the documented default) and the scored images."""
+        self.inp = inp
+        self.time = base.discrete_time(inp.net)
+        self.schedule = bound.DiscreteSchedule(self.time.alphas_cumprod.to(F64))
+        if inp.dataset.levels is None:
+            raise ItdError("the variational bound needs integer data (its decoder is discrete): use --estimator ode")
+        self.levels = inp.dataset.levels
+        self.x0 = inp.dataset.values(inp.index).to(F64)
+        self.evals = 0
+
+    def terms(self, rows: Tensor, t: Tensor, stream: int) -> Tensor:
+        """L_t for image rows (M,) of the scored set at steps t (M,), one noise draw each, seeded per image."""
+        noise = torch.empty((len(rows), *self.x0.shape[1:]), dtype=F64)
+        for i in torch.unique(rows).tolist():
+            at = rows == i
+            gen = runtime.generator(self.inp.seed, int(self.inp.index[i]), NOISE_STREAMS + stream)
+            noise[at] = torch.randn((int(at.sum()), *self.x0.shape[1:]), generator=gen, dtype=F64)
+        out = []
+        for start in range(0, len(rows), self.inp.batch_size):
+            part = slice(start, start + self.inp.batch_size)
+            out.append(self._batch(self.x0[rows[part]], t[part], noise[part]))
+        return torch.cat(out) if out else torch.zeros(0, dtype=F64)
+
+    def _batch(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """One network batch: x_t from q(x_t | x_0), the model's mean and variance, the step's term."""
+        s, device = self.schedule, self.inp.device
+        x_t = bound.q_sample(s, x0, t, noise)
+        with torch.inference_mode():
+            eps, v = base.outputs(self.inp.net, x_t.to(device, torch.float32), s.logsnr[t].to(device))
+        self.evals += len(t)
+        eps64 = eps.to("cpu", F64)
+        if self.time.variance == "learned_range" and v is None:
+            raise ItdError("the model declares a learned variance but returned no variance channels")
+        v64 = None if self.time.variance != "learned_range" or v is None else v.to("cpu", F64)
+        logvar = bound.model_logvar(s, t, self.time.variance, v64, x0)
+        return _nats(bound.step_bpd(s, x0, x_t, t, eps64, logvar, self.levels), x0[0].numel())
+
+    def prior(self) -> Tensor:
+        """L_T per image, in nats."""
+        return _nats(bound.prior_bpd(self.schedule, self.x0), self.x0[0].numel())
+
+
+def _decoder(steps: _Steps, n: int) -> tuple[Tensor, Tensor]:
+    """The decoder term t = 0 per image from two draws: their mean and the variance of that mean."""
+    rows = torch.arange(n).repeat_interleave(2)
+    both = steps.terms(rows, torch.zeros(2 * n, dtype=torch.long), VLB_STREAM).reshape(n, 2)
+    return both.mean(1), (both[:, 0] - both[:, 1]) ** 2 / 4
+
+
+def _full(steps: _Steps, n: int) -> tuple[Tensor, Tensor]:
+    """Σ_{t≥1} L_t with every step once (calc_bpd_loop); variance from adjacent pairs of steps, Σ (L_t − L_{t+1})²/2."""
+    count = steps.schedule.steps - 1
+    t = torch.arange(1, count + 1).repeat(n)
+    terms = steps.terms(torch.arange(n).repeat_interleave(count), t, VLB_STREAM + 1).reshape(n, count)
+    pairs = terms[:, : count - count % 2].reshape(n, -1, 2)
+    return terms.sum(1), ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1) / 2
+
+
+def _proposal(steps: _Steps, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Importance weights over t = 1..T−1 ∝ the pilot's root mean square L_t on an even grid, interpolated.
+
+    Returns the proposal (T − 1,), the grid and its mean terms (for the curve of per-step terms).
+    """
+    T = steps.schedule.steps
+    grid = torch.unique(torch.linspace(1, T - 1, min(PILOT_GRID, T - 1)).round().long())
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 5))[: min(PILOT_IMAGES, n)]
+    rows = pick.repeat_interleave(len(grid))
+    terms = steps.terms(rows, grid.repeat(len(pick)), VLB_STREAM + 2).reshape(len(pick), len(grid))
+    level = terms.pow(2).mean(0).sqrt()  # q_t ∝ √E[L_t²] minimises the variance of Σ_k L_{t_k}/(K q_{t_k})
+    everywhere = torch.from_numpy(_interp(torch.arange(1, T).double(), grid.double(), level)).to(F64)
+    return everywhere.clamp_min(PROPOSAL_FLOOR * float(level.max()) + 1e-300), grid, terms.mean(0)
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> object:
+    """numpy's linear interpolation (torch has none for unsorted queries)."""
+    import numpy as np
+
+    return np.interp(x.numpy(), xp.numpy(), fp.numpy())
+
+
+def _stratified_round(steps: _Steps, proposal: Tensor, count: int, stream: int) -> tuple[Tensor, Tensor]:
+    """One round: `count` stratified steps per image from the proposal, the unbiased sum and its variance."""
+    n = len(steps.inp.index)
+    draws = [
+        bound.stratified_timesteps(proposal, count, 1, runtime.generator(steps.inp.seed, int(i), stream))
+        for i in steps.inp.index.tolist()
+    ]
+    draw = bound.TimestepDraw(torch.cat([d.indices for d in draws]), torch.cat([d.weights for d in draws]))
+    rows = torch.arange(n).repeat_interleave(count)
+    terms = steps.terms(rows, draw.indices.reshape(-1) + 1, stream).reshape(n, count)
+    total, se = bound.stratified_estimate(draw, terms)
+    return total, se**2
+
+
+def _rounds(steps: _Steps, proposal: Tensor, target: float | None, dim: int) -> tuple[Tensor, Tensor, int]:
+    """Rounds of stratified steps until the dataset's standard error meets `target` bpd (or every step is drawn)."""
+    n, cap = len(steps.inp.index), steps.schedule.steps - 1
+    sums, variances, counts, count, stream = [], [], [], FIRST_STEPS, VLB_STREAM + 3
+    while True:
+        total, var = _stratified_round(steps, proposal, count, stream)
+        sums.append(total)
+        variances.append(var)
+        counts.append(count)
+        stream += 1
+        k = torch.tensor(counts, dtype=F64)
+        mean = sum(c * s for c, s in zip(counts, sums, strict=True)) / k.sum()
+        variance = sum(c**2 * v for c, v in zip(counts, variances, strict=True)) / k.sum() ** 2
+        se = float(variance.sum().sqrt() / n) / (dim * math.log(2))
+        done = int(k.sum())
+        if target is None or se <= target or done >= cap:
+            return mean, variance, done
+        wanted = math.ceil(done * ((se / target) ** 2 - 1))
+        count = min(max(8, wanted + wanted % 2), cap - done + (cap - done) % 2)
+
+
+def vlb(inp: SolverInputs) -> Solved:
+    """The model's own discrete-time variational bound per image (Ho et al. 2020, eq. 5; docs/math.md)."""
+    start = time.perf_counter()
+    steps = _Steps(inp)
+    n, dim = len(inp.index), inp.dataset.dim
+    first, first_var = _decoder(steps, n)
+    details: dict[str, str | float | int] = {"schedule": steps.time.source, "steps": steps.schedule.steps}
+    arrays: dict[str, Tensor] = {}
+    if inp.vlb_full or steps.schedule.steps <= FIRST_STEPS + 1:
+        rest, rest_var = _full(steps, n)
+        details["method"] = "full loop: every step once (improved-diffusion's calc_bpd_loop)"
+    else:
+        proposal, grid, profile = _proposal(steps, n, inp.seed)
+        pilot = steps.evals
+        rest, rest_var, drawn = _rounds(steps, proposal, inp.target, dim)
+        details.update(method="stratified steps, importance weights from a pilot", steps_per_image=drawn)
+        details["pilot_evals"] = pilot
+        gamma = steps.schedule.logsnr
+        width = (gamma[grid - 1] - gamma[grid]).abs()  # the logSNR interval step t covers
+        arrays = {"vlb/logsnr": gamma[grid], "vlb/per_logsnr": profile / width}
+    per_image = first + rest + steps.prior()
+    return Solved(
+        Estimate(per_image, first_var + rest_var), steps.evals / n, time.perf_counter() - start, details, arrays
+    )
+
+
+def _gaussian_prior(ref: GaussianReference, logsnr: float) -> flow.Prior:
+    """log N(z; aμ, a²Σ + b²I) at γ_L: the model continued below the range by N(μ,Σ)'s denoiser, as the left tail."""
+    a2, b2 = 1 / (1 + math.exp(-logsnr)), 1 / (1 + math.exp(logsnr))
+
+    def log_density(z: Tensor) -> Tensor:
+        mean, vecs = ref.mean.to(z.device, F64), ref.eigvecs.to(z.device, F64)
+        var = a2 * ref.eigvals.to(z.device, F64) + b2
+        y = (z.reshape(z.shape[0], -1) - math.sqrt(a2) * mean) @ vecs
+        return -0.5 * ((y**2 / var).sum(1) + torch.log(2 * math.pi * var).sum())
+
+    return log_density
+
+
+def ode(inp: SolverInputs) -> Solved:
+    """−log p(x) by the probability-flow ODE, on dequantized x with + d log(1/δ) for integer data (Song et al. 2021)."""
+    start = time.perf_counter()
+    x = inp.dataset.values(inp.index).to(F64)
+    levels, dim, n = inp.dataset.levels, inp.dataset.dim, len(inp.index)
+    draws = DEQ_DRAWS if levels else 1
+    delta = 2.0 / (levels - 1) if levels else 0.0
+    prior = _gaussian_prior(inp.ref, inp.logsnr_min)
+    values, probe_var, nfe = torch.zeros(n, draws, dtype=F64), torch.zeros(n, draws, dtype=F64), 0
+    batch = max(1, min(n, inp.batch_size // max(8, 2 * inp.probes)))
+    for d in range(draws):
+        for s in range(0, n, batch):
+            rows = torch.arange(s, min(n, s + batch))
+            gen = runtime.generator(inp.seed, int(inp.index[rows[0]]), ODE_STREAM + d)
+            u = torch.rand(x[rows].shape, generator=gen, dtype=F64) if levels else torch.full_like(x[rows], 0.5)
+            solved = flow.flow_log_density(
+                inp.net,
+                (x[rows] + delta * (u - 0.5)).to(inp.device, torch.float32),
+                inp.logsnr_max,
+                inp.logsnr_min,
+                probes=inp.probes,
+                rtol=inp.rtol,
+                atol=inp.atol,
+                generator=gen,
+                prior=prior,
+            )
+            values[rows, d] = -solved.log_density.to("cpu", F64) + (dim * math.log(1 / delta) if levels else 0.0)
+            probe_var[rows, d] = solved.probe_se.to("cpu", F64) ** 2
+            nfe += solved.nfe * len(rows)
+    spread = values.var(1) / draws if draws > 1 else probe_var[:, 0]
+    details: dict[str, str | float | int] = {
+        "solver": f"torchdiffeq dopri5, rtol {inp.rtol:g}, atol {inp.atol:g}",
+        "probes": inp.probes,
+        "dequantization_draws": draws,
+        "logsnr_range": f"[{inp.logsnr_min:.3f}, {inp.logsnr_max:.3f}]",
+        "error": "spread over dequantization draws (probes included)" if draws > 1 else "Hutchinson probes",
+    }
+    return Solved(Estimate(values.mean(1), spread), nfe / n, time.perf_counter() - start, details)
