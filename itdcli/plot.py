@@ -29,8 +29,9 @@ def run_series(label: str, arrays: dict[str, Tensor], dim: int, discrete: bool) 
     from itdcli.evaluation.engine import Curves
 
     suffixes = {**CURVE_KINDS, "model": CLAMPED if discrete else ""}
-    passes = [Curves.from_arrays(arrays)] + ([Curves.from_arrays(arrays, "deq/")] if "deq/logsnr" in arrays else [])
-    series = []
+    passes = [Curves.from_arrays(arrays)] if "logsnr" in arrays else []
+    passes += [Curves.from_arrays(arrays, "deq/")] if "deq/logsnr" in arrays else []
+    series = vlb_series(label, arrays, dim)
     for kind in CURVE_KINDS:
         for c in passes:
             if kind in c.errors:
@@ -38,6 +39,20 @@ def run_series(label: str, arrays: dict[str, Tensor], dim: int, discrete: bool) 
                 order = x.argsort()
                 series.append(Series(label + suffixes[kind], x[order], c.errors[kind].mean(0)[order] / dim))
     return series
+
+
+def vlb_series(label: str, arrays: dict[str, Tensor], dim: int) -> list[Series]:
+    """The variational bound's per-step terms as 2·L_t/Δγ per dimension: on the ε-MSE axis, ½∫ of it is the bound.
+
+    Drawn beside the I-MMSE curves (whose ½∫ is the discrete estimate), it shows where the two bounds differ
+    (docs/math.md, Three likelihoods).
+    """
+    if "vlb/logsnr" not in arrays:
+        return []
+    g = arrays["vlb/logsnr"].to(torch.float64)
+    order = g.argsort()
+    per = 2 * arrays["vlb/per_logsnr"].to(torch.float64)[order] / dim
+    return [Series(label + " (variational bound, 2·L_t/Δγ)", g[order], per, "-.")]
 
 
 def reference_series(eigvals: Tensor, lo: float, hi: float) -> list[Series]:

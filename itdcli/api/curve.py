@@ -92,7 +92,7 @@ def _draw(
     results = _gather(plain, model, data, lambda: nll(data, model, progress=progress, **nll_options))
     series: list[plot.Series] = []
     for r in results:
-        if "logsnr" not in r.arrays:
+        if "logsnr" not in r.arrays and "vlb/logsnr" not in r.arrays:
             raise ItdError(f"run '{r.run_dir}' has no saved curves (arrays.safetensors): rerun itd nll with --out")
         label = r.model if len(results) == 1 else f"{r.model} · {r.data.name}"
         series += plot.run_series(label, r.arrays, int(torch.tensor(r.data.shape).prod()), r.data.levels is not None)
