@@ -189,12 +189,19 @@ def _solve(
     opts: NllOptions,
     target: float | None,
 ) -> dict[str, Any]:
-    """The solver estimators (variational bound, probability-flow ODE) on the same images and range."""
+    """The solver estimators (variational bound, probability-flow ODE) on the same images and range.
+
+    Under torchrun each rank solves its own share of the images with no collective inside (its rounds aim at
+    the target on its share, which meets it for the whole), and the per-image values are gathered after.
+    """
+    from itdcli.evaluation import engine
+
     p = plan.proposal
+    local = engine.local_rows(index)
     inp = likelihoods.SolverInputs(
         net,
         dataset,
-        index,
+        local,
         device,
         ref,
         opts.seed,
@@ -207,7 +214,14 @@ def _solve(
         opts.rtol,
         opts.atol,
     )
-    return {name: units.SOLVERS[name].run(inp) for name in names}
+    solved = {name: units.SOLVERS[name].run(inp) for name in names}
+    if len(local) != len(index):
+        for done in solved.values():
+            e, n = done.estimate, len(index)
+            done.estimate = est.Estimate(runtime.gather_shards(e.per_image, n), runtime.gather_shards(e.mc_var, n))
+            share = torch.tensor([done.evals_per_image * len(local)], dtype=torch.float64)
+            done.evals_per_image = float(runtime.all_reduce_mean(share)) * runtime.world_size() / n
+    return solved
 
 
 def _solver_arrays(solved: dict[str, Any]) -> dict[str, torch.Tensor]:
