@@ -1,6 +1,6 @@
 """`python -m itdcli`, the same as the `itd` console script."""
 
-from itdcli.cli.main import main
+from itdcli.cli.entry import run
 
 if __name__ == "__main__":
-    main()
+    run()

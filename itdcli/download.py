@@ -261,6 +261,7 @@ def _download_file(job: _Job) -> DownloadRecord:
     if not job.force and expected is not None and target.is_file():
         md5, sha256 = manifest.digests(target)
         if _matches(expected, md5, sha256):
+            _part(target).unlink(missing_ok=True)  # a part left by an interrupted --force is of no more use
             return _file_record(job, target, md5, sha256, expected, skipped=True)
     _check_space(target.parent, a.size - _part_size(target), a.name)
     md5, sha256 = _fetch_verified(job, target, expected)

@@ -136,6 +136,18 @@ def claim(path: Path, flag: str) -> Iterator[Path]:
         lock.release()
 
 
+@contextlib.contextmanager
+def serialized(path: Path, timeout: float = 120.0) -> Iterator[None]:
+    """Wait for, then hold, the lock of `path`: for short read-modify-writes that several outputs share (a manifest)."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(_lock_file(path)), timeout=timeout):
+            yield
+    except Timeout:
+        raise ItdError(f"'{path}' stayed locked by another itd process for {timeout:.0f} s: try again") from None
+
+
 def temp_prefix(path: Path) -> str:
     """The name prefix of the temporary siblings a write of `path` fills before renaming them onto it."""
     return f".itd-tmp-{path.name}."
@@ -143,10 +155,13 @@ def temp_prefix(path: Path) -> str:
 
 def clear_stale(path: Path) -> None:
     """Remove temporary siblings of `path` that a killed writer left; only the holder of its lock may call this."""
-    prefix = temp_prefix(path)
-    for entry in absolute(path).parent.glob(glob.escape(prefix) + "*"):
+    prefix, path = temp_prefix(path), absolute(path)
+    for entry in path.parent.glob(glob.escape(prefix) + "*"):
         if not re.fullmatch(r"[A-Za-z0-9_]{8}(\.[A-Za-z0-9]+)?", entry.name[len(prefix) :]):
             continue  # another output's temporary (e.g. of 'run.2' when this is 'run')
+        if not path.exists() and (entry / "run").is_dir():  # killed between moving the old run aside and the new in
+            with contextlib.suppress(OSError):
+                os.replace(entry / "run", path)
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

@@ -253,7 +253,7 @@ def run(
                     evaluate(state.step)
                 if every["save"] and state.step % every["save"] == 0:
                     save(out, setup, state, {"step": state.step})
-                if stop.requested():
+                if stop.requested() and state.step < setup.total_steps:  # a stop in the last step just ends it
                     save(out, setup, state, {"step": state.step})
                     raise ItdInterrupted(
                         f"stopped by {stop.signal} at step {state.step}; checkpoint saved in {out}: continue with "

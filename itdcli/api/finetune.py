@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from itdcli.errors import ItdError, ItdOptionError
+from itdcli.errors import ItdError, ItdInterrupted, ItdOptionError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-iddpm": {
@@ -147,7 +147,10 @@ def _network(model: Any, opts: FinetuneOptions, shape: tuple[int, ...], proposal
     if opts.resume:
         folder = checkpoints.checkpoint_dir(opts.folder)
         if folder is None:
-            raise ItdError(f"nothing to resume in '{opts.folder}': it holds no checkpoint; drop --resume to start")
+            raise ItdError(
+                f"nothing to resume in '{opts.folder}': it holds no checkpoint (a run stopped before its first save "
+                "leaves none); drop --resume to start again"
+            )
         return checkpoints.build(checkpoints.read_description(folder))
     if opts.init == "scratch":
         from itdcli.models.iddpm import IDDPMDenoiser
@@ -187,6 +190,8 @@ def _check_out(opts: FinetuneOptions) -> None:
             "folder; choose another --out"
         )
     if opts.resume or opts.overwrite or not any(out.iterdir()):
+        return
+    if not foreign and not (out / "checkpoint").exists():  # a run stopped before its first checkpoint
         return
     raise ItdError(
         f"'{out}' already holds a run or other files: pass --resume to continue it or --overwrite to restart"
@@ -344,9 +349,9 @@ def _finetune(
     state = train.State(0, train.make_optimizer(setup), train.make_ema(setup))
     if opts.resume:
         train.restore(opts.folder, setup, state)
-        if state.step >= total:
+        if state.step > total:  # equal: the run is complete (e.g. it was stopped in its last step); it finishes
             raise ItdError(
-                f"the checkpoint in '{opts.folder}' is at step {state.step}, at or beyond --steps {total}: nothing to "
+                f"the checkpoint in '{opts.folder}' is at step {state.step}, beyond --steps {total}: nothing to "
                 f"train; give a larger --steps to go on (e.g. --steps {state.step + total})"
             )
     logger = _metrics_log(opts.folder, state.step if opts.resume else None, log)
@@ -356,7 +361,13 @@ def _finetune(
     train.run(opts.folder, setup, state, every, logger, evaluate)
     if opts.eval_data is not None and not (opts.eval_every and state.step % opts.eval_every == 0):
         evaluate(state.step)
-    plot = _plot(opts.folder) if runtime.is_main() else None
+    try:
+        plot = _plot(opts.folder) if runtime.is_main() else None
+    except KeyboardInterrupt as exc:
+        raise ItdInterrupted(
+            f"interrupted while drawing metrics.png; the checkpoint of step {state.step} is saved in {opts.folder}: "
+            "run the same command with --resume to finish"
+        ) from exc
     return FinetuneResult(
         out=str(opts.folder),
         steps=state.step,

@@ -88,6 +88,7 @@ def _validation_line(exc: Exception) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run the app; user errors exit 2 with one line, Ctrl-C exits 130, tracebacks only with ITD_DEBUG=1."""
     debug = os.environ.get("ITD_DEBUG") == "1"
+    signalled = _watch_interrupts()
     try:
         code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
@@ -102,10 +103,39 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug:
             raise
+        if signalled():  # Ctrl-C inside an import or a C extension can surface as another error (ImportError)
+            _fail("interrupted; no partial results were written", EXIT_INTERRUPTED)
         _fail_known(exc)
     if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
         _fail("interrupted; no partial results were written", EXIT_INTERRUPTED)
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _watch_interrupts() -> Callable[[], bool]:
+    """Raise KeyboardInterrupt on SIGINT as Python does, remembering that it came; returns whether it has."""
+    import signal
+    import threading
+
+    seen: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: False
+
+    def handle(signum: int, frame: object) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handle)
+    return lambda: bool(seen)
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether a write failed for want of room (a full disk, a quota, a file-size limit), whatever raised it."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left", "File too large", "Disk quota", "os error 28", "os error 27"))
 
 
 def _fail_known(exc: Exception) -> None:
@@ -123,6 +153,12 @@ def _fail_known(exc: Exception) -> None:
         _fail(str(exc), EXIT_USAGE)
     if isinstance(exc, ValidationError):
         _fail(_validation_line(exc), EXIT_USAGE)
+    if _no_space(exc):
+        _fail(
+            "not enough space to write the output (the disk, a quota or a file-size limit is full); nothing was "
+            "replaced: free some space or choose another --out",
+            EXIT_USAGE,
+        )
     if isinstance(exc, PermissionError | FileNotFoundError | IsADirectoryError | NotADirectoryError):
         _fail(f"{exc.strerror or exc}: {exc.filename}", EXIT_USAGE)
     _fail(f"unexpected {type(exc).__name__}: {exc} (set ITD_DEBUG=1 for a traceback)", 1)

@@ -45,7 +45,12 @@ def read(folder: Path) -> dict[str, Entry]:
 
 def record(folder: Path, name: str, entry: Entry) -> None:
     """Add or replace the entry of `name`, writing the manifest atomically."""
-    entries = read(folder) | {name: entry}
-    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_bytes(_ENTRIES.dump_json(entries, indent=2) + b"\n")
-    os.replace(tmp, folder / MANIFEST)
+    from itdcli import outputs
+
+    with outputs.serialized(folder / MANIFEST):  # downloads of other artifacts into the folder update it too
+        for stale in folder.glob(f".{MANIFEST}.*.tmp"):  # left by a killed writer: none is live while we hold it
+            stale.unlink(missing_ok=True)
+        entries = read(folder) | {name: entry}
+        tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_bytes(_ENTRIES.dump_json(entries, indent=2) + b"\n")
+        os.replace(tmp, folder / MANIFEST)

@@ -115,6 +115,22 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
 def test_resuming_with_fewer_steps_than_the_checkpoint_says_so_and_its_advice_works(tmp_path: Path) -> None:
     out = tmp_path / "run"
     finetune(None, "digits_train", out=out, steps=3, save_every=3, **FAST)
-    with pytest.raises(ItdError, match=r"at step 3, at or beyond --steps 2.*--steps 5"):
+    with pytest.raises(ItdError, match=r"at step 3, beyond --steps 2.*--steps 5"):
         finetune(None, "digits_train", out=out, steps=2, resume=True, **FAST)
+    # a run complete at its --steps (e.g. stopped during its last step) resumes to a finished result, untouched
+    before = _weights(out, "raw.safetensors")
+    assert finetune(None, "digits_train", out=out, steps=3, resume=True, **FAST).steps == 3
+    after = _weights(out, "raw.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
     assert finetune(None, "digits_train", out=out, steps=5, resume=True, **FAST).steps == 5
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_simply_be_started_again(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss_bpd": 5.0}\n{"step": 2, "lo')  # torn by a kill
+    with pytest.raises(ItdError, match="no checkpoint.*drop --resume"):
+        finetune(None, "digits_train", out=out, steps=2, resume=True, **FAST)
+    assert finetune(None, "digits_train", out=out, steps=2, **FAST).steps == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
