@@ -143,12 +143,7 @@ def tail_limit(opts: NllOptions, dim: int) -> float:
 
 
 def make_proposal(
-    opts: NllOptions,
-    spectrum: GaussianReference,
-    ref: GaussianReference,
-    names: list[str],
-    levels: int | None,
-    scored: torch.Tensor | None = None,
+    opts: NllOptions, spectrum: GaussianReference, ref: GaussianReference, names: list[str], levels: int | None
 ) -> Proposal:
     """The logistic proposal of the data's spectrum on the range its tails imply (docs/math.md, Range).
 
@@ -162,7 +157,7 @@ def make_proposal(
         clip = opts.clip or PAPER_CLIP
         lo, hi = loc - clip * scale, loc + clip * scale
     else:
-        lo, hi = units.tail_range(names, ref, levels, tail_limit(opts, ref.dim), scored)
+        lo, hi = units.tail_range(names, ref, levels, tail_limit(opts, ref.dim))
     lo = lo if opts.logsnr_min is None else opts.logsnr_min
     hi = hi if opts.logsnr_max is None else opts.logsnr_max
     if not lo < hi:
@@ -295,11 +290,10 @@ def _nll(
     device = runtime.local_device(opts.device)
     resolved = resolve_reference(reference, dataset)
     ref = resolved.ref
-    index = rounds.subset(len(dataset), opts.limit, opts.seed)
-    scored = ref.whiten(dataset.values(index)) if "continuous_pointwise" in names else None
-    proposal = make_proposal(opts, resolved.spectrum, ref, names, dataset.levels, scored)
+    proposal = make_proposal(opts, resolved.spectrum, ref, names, dataset.levels)
     denoiser = load_model(model, ref, opts.time_map)
     _check_input_shape(denoiser, dataset)
+    index = rounds.subset(len(dataset), opts.limit, opts.seed)
     _check_constant_pixels(dataset, index)
     plan = engine.Plan(
         proposal,

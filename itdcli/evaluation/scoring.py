@@ -231,7 +231,7 @@ def score(
         if unit.reference in errors and rule.candidates is None and not rule.paper_clamp:
             bins = _bins(curves, proposal, MIN_SELECT_BINS)
             out.worse[name] = _worse(e - errors[unit.reference], bins, proposal, MIN_SELECT_BINS)
-        if unit.decoder != "rounding" and (not inp.levels or unit.family == "dequantized"):
+        if unit.decoder == "identity" and (not inp.levels or unit.family == "dequantized"):
             missing = _missing_above(e, curves.logsnr, proposal, inp.ref.dim)
             out.missing[name] = missing / (inp.ref.dim * math.log(2))
     return out

@@ -24,7 +24,7 @@ from itdcli.evaluation import likelihoods
 
 F64 = torch.float64
 Kind = Literal["model", "round", "deq"]
-Decoder = Literal["identity", "identity_pointwise", "rounding"]
+Decoder = Literal["identity", "rounding"]
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,10 @@ class Unit:
         """Per-image nats from the per-image integral of `form`."""
         return self.exact(inp) + self.sign * integral + self.left(inp) + self.right(inp)
 
-    def right_bound(
-        self, logsnr_max: float, ref: GaussianReference, levels: int | None, scored: Tensor | None = None
-    ) -> float:
-        """The right tail any image can have at γ_R, in nats (for choosing the range).
-
-        A pointwise tail depends on the image: with the scored images' eigen-coordinates `scored`, their mean.
-        """
+    def right_bound(self, logsnr_max: float, ref: GaussianReference, levels: int | None) -> float:
+        """The right tail any image can have at γ_R, in nats (for choosing the range)."""
         if self.decoder == "rounding" and levels:
             return tails.rounding_tail_bound(logsnr_max, ref.dim, levels)
-        if self.decoder == "identity_pointwise" and scored is not None:
-            return float(tails.identity_tail_pointwise(logsnr_max, scored, ref.eigvals).mean())
         return tails.identity_tail(logsnr_max, ref.log_eigvals)
 
 
@@ -172,7 +165,7 @@ UNITS: dict[str, Unit] = {
             lambda inp: inp.ref.nll(inp.values),
             _zero,
             lambda inp: tails.identity_tail_pointwise(inp.logsnr_max, inp.y, inp.ref.eigvals),
-            "identity_pointwise",
+            "identity",
         ),
         Unit(
             "discrete",
@@ -235,9 +228,7 @@ def kinds(names: list[str]) -> frozenset[Kind]:
     return out
 
 
-def tail_range(
-    names: list[str], ref: GaussianReference, levels: int | None, limit: float, scored: Tensor | None = None
-) -> tuple[float, float]:
+def tail_range(names: list[str], ref: GaussianReference, levels: int | None, limit: float) -> tuple[float, float]:
     """The narrowest [γ_L, γ_R] whose closed-form tails are each at most `limit` nats per image (docs/math.md).
 
     γ_L bounds the Gaussian left tail, the most any estimator's left term can hold; γ_R is the largest of
@@ -247,13 +238,13 @@ def tail_range(
         names = ["dequantized"] if levels else ["continuous"]
     centre = -float(ref.log_eigvals.mean())
     lo = tails.solve_end(lambda g: tails.gaussian_left_tail(g, ref.log_eigvals), limit, centre, -1.0)
-    ends = [tails.solve_end(_right(u, ref, levels, scored), limit, centre, 1.0) for u in units(names)]
+    ends = [tails.solve_end(_right(u, ref, levels), limit, centre, 1.0) for u in units(names)]
     return lo, max(ends)
 
 
-def _right(unit: Unit, ref: GaussianReference, levels: int | None, scored: Tensor | None) -> Callable[[float], float]:
+def _right(unit: Unit, ref: GaussianReference, levels: int | None) -> Callable[[float], float]:
     """A unit's right-tail bound as a function of γ_R alone."""
-    return lambda g: unit.right_bound(g, ref, levels, scored)
+    return lambda g: unit.right_bound(g, ref, levels)
 
 
 def right_tails(names: list[str], inp: Inputs) -> dict[str, float]:
