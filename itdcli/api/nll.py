@@ -391,7 +391,7 @@ def _nll(
             "sampling_stderr_bpd: std/√N over per-image values"
         ),
         warnings=_run_warnings(reference, dataset, proposal, denoiser)
-        + _range_warnings(opts, tails, scores, dataset.dim)
+        + _range_warnings(tails, scores, dataset.dim, run.inputs(plan))
         + run.warnings,
         notes=_notes(_model_name(model), integrals, scores, dataset.levels, proposal),
         arrays={**_arrays(curves, scores, ref, dataset.dim, index), **_solver_arrays(solved)},
@@ -427,15 +427,17 @@ def _tails(names: list[str], inp: units.Inputs, limit: float) -> dict[str, TailI
     }
 
 
-def _range_warnings(opts: NllOptions, tails: dict[str, TailInfo], scores: Any, dim: int) -> list[str]:
-    """One line per tail above its limit, and per estimate whose range may cut off more than half its error."""
+def _range_warnings(tails: dict[str, TailInfo], scores: Any, dim: int, inp: units.Inputs) -> list[str]:
+    """One line per tail above its limit (with the end that brings it under), and per estimate whose range may cut
+    off more than half its error."""
     out = []
     for name, t in tails.items():
-        for side, value, flag in (("left", t.left_bpd, "--logsnr-min"), ("right", t.right_bpd, "--logsnr-max")):
+        for side, value in (("left", t.left_bpd), ("right", t.right_bpd)):
             if abs(value) > t.limit_bpd * (1 + 1e-9):
+                flag, end = _end_for(name, side, t.limit_bpd * dim * math.log(2), inp)
                 out.append(
                     f"{name}: the {side} tail beyond the logSNR range holds {value:.4f} bpd, above its limit "
-                    f"{t.limit_bpd:.4f}: drop {flag} (or widen it) to let itd choose the range"
+                    f"{t.limit_bpd:.4f}: give {flag} {_outward(end, side):.2f} to bring it under"
                 )
     for name, missing in scores.missing.items():
         se = scores.estimates[name].stderr
@@ -445,6 +447,23 @@ def _range_warnings(opts: NllOptions, tails: dict[str, TailInfo], scores: Any, d
                 "the identity decoder there): raise --logsnr-max"
             )
     return out
+
+
+def _outward(end: float, side: str) -> float:
+    """`end` rounded to two decimals away from the range's centre, so the advised value keeps the tail under."""
+    return math.floor(end * 100) / 100 if side == "left" else math.ceil(end * 100) / 100
+
+
+def _end_for(name: str, side: str, limit: float, inp: units.Inputs) -> tuple[str, float]:
+    """The flag and the end of the range at which the scored images' mean tail on `side` is `limit` nats."""
+    from dataclasses import replace
+
+    unit = units.UNITS[name]
+    if side == "left":
+        left = lambda g: abs(float(unit.left(replace(inp, logsnr_min=g)).mean()))  # noqa: E731
+        return "--logsnr-min", tails.solve_end(left, limit, inp.logsnr_min, -1.0)
+    right = lambda g: abs(float(unit.right(replace(inp, logsnr_max=g)).mean()))  # noqa: E731
+    return "--logsnr-max", tails.solve_end(right, limit, inp.logsnr_max, 1.0)
 
 
 def _notes(model: str, names: list[str], scores: Any, levels: int | None, proposal: Proposal) -> list[str]:

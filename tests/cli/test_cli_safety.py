@@ -191,3 +191,16 @@ def test_finetune_as_typed_needs_no_out_and_overwrite_keeps_foreign_files(
     (folder / "thesis.tex").write_text("mine")
     fails([*base, "--out", str(folder), "--overwrite"], capsys, "thesis.tex", "did not write")
     assert (folder / "thesis.tex").read_text() == "mine"
+
+
+def test_a_tail_above_its_limit_gets_an_end_that_brings_it_under(capsys: pytest.CaptureFixture[str]) -> None:
+    """The pointwise tail depends on the scored images; the advised --logsnr-max, followed, silences the warning."""
+    args = ["nll", "digits_test", "--model", "gaussian", "--estimator", "continuous", "--limit", "100"]
+    args += ["--points", "8", "--json"]
+    first = json.loads(succeeds(args, capsys))
+    advice = [w for w in first["warnings"] if "right tail" in w]
+    assert advice, first["warnings"]
+    end = re.search(r"give --logsnr-max ([\d.]+)", advice[0]).group(1)  # type: ignore[union-attr]
+    second = json.loads(succeeds([*args, "--logsnr-max", end], capsys))
+    assert not [w for w in second["warnings"] if "tail" in w], second["warnings"]
+    assert all(t["right_bpd"] <= t["limit_bpd"] for t in second["tails"].values())
