@@ -24,7 +24,7 @@ def summed_variance(images: int, points: int) -> list[float]:
     total = [0.0] * len(ESTIMATORS)
     for seed in SEEDS:
         r = itdcli.nll(
-            "digits_test", "digits", points=points, limit=images, seed=seed, adapt=False, estimator="all", save=False
+            "digits_test", "digits", points=points, limit=images, seed=seed, adapt=False, estimator="immse", save=False
         )
         for i, name in enumerate(ESTIMATORS):
             total[i] += (r.estimates[name].stderr_bpd or 0.0) ** 2

@@ -33,7 +33,7 @@ PAPER_POINTS, PAPER_FORWARDS = 1000, 3
 
 def measure(model: str, data: str, points: int, limit: int | None, options: dict[str, Any]) -> dict[str, Any]:
     """One fixed-budget run: evaluations per image and the Monte Carlo standard error of each estimator."""
-    r = itdcli.nll(data, model, points=points, limit=limit, save=False, seed=11, estimator="all", **options)
+    r = itdcli.nll(data, model, points=points, limit=limit, save=False, seed=11, estimator="immse", **options)
     return {
         "points": points,
         "evals": r.evals_per_image,

@@ -8,7 +8,7 @@ import itdcli
 def test_digits_model_beats_the_gaussian_on_the_discrete_likelihood_and_says_where_it_does_not() -> None:
     """Its own bounds: better on −log P and on the density, worse dequantized (trained on the exact grid, its error
     on x + δ(u − ½) at high logSNR exceeds the identity decoder's); the note names where N(μ,Σ) does better."""
-    common = {"points": 24, "limit": 200, "seed": 11, "save": False, "estimator": "all"}
+    common = {"points": 24, "limit": 200, "seed": 11, "save": False, "estimator": "immse"}
     digits = itdcli.nll("digits_test", "digits", **common)
     gauss = itdcli.nll("digits_test", "gaussian", **common)
     assert digits.estimates["dequantized"].bpd > gauss.estimates["dequantized"].bpd

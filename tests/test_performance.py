@@ -61,13 +61,15 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_answer() -> None:
 
 def test_rounds_stop_at_the_target_and_the_reported_error_matches_the_spread_over_seeds() -> None:
     # without the control variate: the Gaussian's own error is its control variate, which would leave no noise
-    run = itdcli.nll("digits_test", "gaussian", target_stderr=0.01, control_variate=False, estimator="all", save=False)
+    run = itdcli.nll(
+        "digits_test", "gaussian", target_stderr=0.01, control_variate=False, estimator="immse", save=False
+    )
     assert run.rounds >= 2 and run.target_stderr_bpd == 0.01
     assert all(e.stderr_bpd is not None and e.stderr_bpd <= 0.01 for e in run.estimates.values())
     assert run.points == run.arrays["logsnr"].shape[1] > 16
     # honesty: the Monte Carlo standard error of a fixed budget against independent repetitions (other seeds)
     runs = [
-        itdcli.nll("digits_test", "gaussian", points=4, seed=s, control_variate=False, estimator="all", save=False)
+        itdcli.nll("digits_test", "gaussian", points=4, seed=s, control_variate=False, estimator="immse", save=False)
         for s in range(8)
     ]
     for name in ("continuous", "discrete", "dequantized"):
@@ -141,7 +143,7 @@ def test_the_dequantized_pass_stops_on_its_own_and_its_points_are_saved_apart(tm
 
 def test_per_image_standard_errors_match_the_spread_between_two_seeds() -> None:
     """se/NAME against E[(b₁ − b₂)²] = E[se₁² + se₂²] over images: calibrated, two points per stratum."""
-    opts = {"points": 8, "control_variate": False, "estimator": "all", "save": False}
+    opts = {"points": 8, "control_variate": False, "estimator": "immse", "save": False}
     runs = [itdcli.nll("digits_test", "gaussian", seed=s, **opts) for s in (7, 8)]
     for name in ("continuous_pointwise", "discrete", "dequantized"):
         a, b = (r.arrays[f"bpd/{name}"] for r in runs)
@@ -154,7 +156,7 @@ def test_control_variates_keep_per_image_errors_calibrated_and_shrink_them() -> 
     """The digits model with the noise-moment and mean-curve controls: se/NAME still matches the spread between
     two seeds, and the dataset errors are well below those of the same points without controls (all images: a
     --limit subset would differ between seeds)."""
-    opts = {"points": 8, "adapt": False, "estimator": "all", "save": False}
+    opts = {"points": 8, "adapt": False, "estimator": "immse", "save": False}
     runs = [itdcli.nll("digits_test", "digits", seed=s, **opts) for s in (7, 8)]
     plain = itdcli.nll("digits_test", "digits", seed=7, control_variate=False, **opts)
     for name in ("continuous_pointwise", "discrete", "dequantized"):

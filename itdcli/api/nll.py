@@ -60,6 +60,8 @@ def _estimator_names(opts: NllOptions, discrete_data: bool) -> list[str]:
     continuous = ["continuous", "continuous_pointwise"]
     if choice is None:
         return ["discrete", "dequantized"] if discrete_data else continuous
+    if choice == "immse":  # every I-MMSE estimator, without the solver ones
+        return [*continuous, *(["discrete", "dequantized"] if discrete_data else [])]
     if choice == "all":
         return [*continuous, *(["discrete", "dequantized", "vlb"] if discrete_data else []), "ode"]
     return continuous if choice == "continuous" else [choice]

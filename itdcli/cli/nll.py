@@ -22,8 +22,8 @@ def nll_command(
     estimator: Annotated[
         str | None,
         typer.Option(
-            help="continuous, discrete, dequantized, vlb (variational bound), ode (probability-flow ODE) or all "
-            "(default: discrete and dequantized on integer data)."
+            help="continuous, discrete, dequantized, vlb (variational bound), ode (probability-flow ODE), immse "
+            "(every I-MMSE one) or all (default: discrete and dequantized on integer data)."
         ),
     ] = None,
     points: o.BudgetOpt = None,

@@ -13,6 +13,6 @@ BaseProposalKind = Literal["logistic", "uniform"]
 ProposalKind = Literal["logistic", "uniform", "adaptive"]
 PrecisionName = Literal["auto", "fp32", "policy", "bf16"]
 Rounding = Literal["soft", "hard"]
-EstimatorChoice = Literal["continuous", "discrete", "dequantized", "vlb", "ode", "all"]
+EstimatorChoice = Literal["continuous", "discrete", "dequantized", "vlb", "ode", "immse", "all"]
 VarianceKind = Literal["learned_range", "fixed_large", "fixed_small"]  # a discrete-time model's p(x_{t−1}|x_t)
 TimeMapName = Literal["exact", "reference"]

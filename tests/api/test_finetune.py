@@ -129,7 +129,7 @@ def test_a_run_killed_before_its_first_checkpoint_can_simply_be_started_again(tm
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss_bpd": 5.0}\n{"step": 2, "lo')  # torn by a kill
-    with pytest.raises(ItdError, match="no checkpoint.*drop --resume"):
+    with pytest.raises(ItdError, match=r"no checkpoint.*drop --resume"):
         finetune(None, "digits_train", out=out, steps=2, resume=True, **FAST)
     assert finetune(None, "digits_train", out=out, steps=2, **FAST).steps == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
