@@ -146,97 +146,71 @@ def ensemble(
 
     Members are computed from `models` (names, paths, callables) and/or taken from saved `runs` of `itd nll`.
     """
-    with records.claimed_out(out, overwrite) as claimed:
-        return _ensemble(
-            data,
-            models,
-            runs=runs,
-            reference=reference,
-            select_on=select_on,
-            select_fraction=select_fraction,
-            out=claimed,
-            save=save,
-            progress=progress,
-            **options,
-        )
-
-
-def _ensemble(
-    data: Any,
-    models: Sequence[Any] = (),
-    *,
-    runs: Sequence[str | Path] = (),
-    reference: Any = None,
-    select_on: Any = None,
-    select_fraction: float | None = None,
-    out: Path | None = None,
-    save: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    **options: Any,
-) -> EnsembleResult:
-    """The body of `ensemble`, run while its output location is held."""
     from itdcli.api.nll import _estimate_result, nll, resolve_reference
     from itdcli.core.proposal import Proposal
     from itdcli.data import load_data
     from itdcli.evaluation.scoring import Rule, score
     from itdcli.evaluation.units import Inputs
 
-    if select_on is not None and select_fraction is not None:
-        raise ItdError("give either --select-on or --select-fraction, not both")
-    if select_fraction is not None and not 0 < select_fraction < 1:
-        raise ItdError(f"--select-fraction must lie strictly between 0 and 1, got {select_fraction}")
-    if not models and not runs:
-        raise ItdError(
-            "give at least one --model or saved run to combine (add --model gaussian for the N(μ,Σ) reference)"
+    with records.claimed_out(out, overwrite) as out:  # held until the ensemble is written
+        if select_on is not None and select_fraction is not None:
+            raise ItdError("give either --select-on or --select-fraction, not both")
+        if select_fraction is not None and not 0 < select_fraction < 1:
+            raise ItdError(f"--select-fraction must lie strictly between 0 and 1, got {select_fraction}")
+        if not models and not runs:
+            raise ItdError(
+                "give at least one --model or saved run to combine (add --model gaussian for the N(μ,Σ) reference)"
+            )
+        if select_on is not None and runs:
+            raise ItdError(
+                "--select-on re-evaluates the members on other data: give them as --model, not as saved --run"
+            )
+        # members must share every logSNR point: a fixed budget and the base proposal (no per-model pilot)
+        member_opts = {**options, "save": False, "adapt": False, "points": options.get("points") or ENSEMBLE_POINTS}
+        results = [records.read_run(Path(r)) for r in runs]
+        results += [nll(data, m, reference=reference, progress=progress, **member_opts) for m in models]
+        _check_compatible(results)
+        labels = _labels(results)
+        curves, candidates = _merged(results, labels)
+        first = results[0]
+        dataset = load_data(data, levels=first.data.levels)
+        ref = resolve_reference(reference, dataset).ref
+        p = first.proposal
+        proposal = Proposal(p.kind, p.loc, p.scale, p.logsnr_min, p.logsnr_max, tuple(p.edges), tuple(p.mass))  # type: ignore[arg-type]
+        rows = torch.arange(curves.logsnr.shape[0])
+        means = None
+        if select_on is not None:
+            sel = [nll(select_on, m, reference=reference, **member_opts) for m in models]
+            sel_curves, _ = _merged(sel, labels)
+            means = _select_means(sel_curves, torch.arange(sel_curves.logsnr.shape[0]))
+            mode = f"select-on {select_on}"
+        elif select_fraction is not None:
+            perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(first.seed + 2))
+            cut = max(1, round(select_fraction * len(rows)))
+            means, rows = _select_means(curves, perm[:cut]), perm[cut:].sort().values
+            mode = f"held-out fraction {select_fraction}"
+        else:
+            mode = "crossfit (two folds: each half is scored with the choice made on the other half)"
+        scored = _restrict(curves, rows)
+        codes = dataset.x[scored.index] if dataset.levels else None
+        inp = Inputs(ref, dataset.values(scored.index), codes, dataset.levels, p.logsnr_min, p.logsnr_max)
+        names = list(first.estimates)
+        rule = Rule(candidates, means, control=options.get("control_variate", True))
+        scores = score(scored, inp, proposal, names, "crossfit", first.seed, rule)
+        dim = dataset.dim
+        result = EnsembleResult(
+            data=first.data.name,
+            members={lab: r.estimates for lab, r in zip(labels, results, strict=True)},
+            ensemble={n: _estimate_result(scores.estimates[n], dim) for n in names},
+            winners=_winners(scored, proposal, scores),
+            selection=mode,
+            points=first.points,
+            seed=first.seed,
+            arrays={f"ensemble/{k}": v.float() for k, v in _chosen(scored, scores).items()},
         )
-    if select_on is not None and runs:
-        raise ItdError("--select-on re-evaluates the members on other data: give them as --model, not as saved --run")
-    # members must share every logSNR point: a fixed budget and the base proposal (no per-model pilot)
-    member_opts = {**options, "save": False, "adapt": False, "points": options.get("points") or ENSEMBLE_POINTS}
-    results = [records.read_run(Path(r)) for r in runs]
-    results += [nll(data, m, reference=reference, progress=progress, **member_opts) for m in models]
-    _check_compatible(results)
-    labels = _labels(results)
-    curves, candidates = _merged(results, labels)
-    first = results[0]
-    dataset = load_data(data, levels=first.data.levels)
-    ref = resolve_reference(reference, dataset).ref
-    p = first.proposal
-    proposal = Proposal(p.kind, p.loc, p.scale, p.logsnr_min, p.logsnr_max, tuple(p.edges), tuple(p.mass))  # type: ignore[arg-type]
-    rows = torch.arange(curves.logsnr.shape[0])
-    means = None
-    if select_on is not None:
-        sel = [nll(select_on, m, reference=reference, **member_opts) for m in models]
-        sel_curves, _ = _merged(sel, labels)
-        means = _select_means(sel_curves, torch.arange(sel_curves.logsnr.shape[0]))
-        mode = f"select-on {select_on}"
-    elif select_fraction is not None:
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(first.seed + 2))
-        cut = max(1, round(select_fraction * len(rows)))
-        means, rows = _select_means(curves, perm[:cut]), perm[cut:].sort().values
-        mode = f"held-out fraction {select_fraction}"
-    else:
-        mode = "crossfit (two folds: each half is scored with the choice made on the other half)"
-    scored = _restrict(curves, rows)
-    codes = dataset.x[scored.index] if dataset.levels else None
-    inp = Inputs(ref, dataset.values(scored.index), codes, dataset.levels, p.logsnr_min, p.logsnr_max)
-    names = list(first.estimates)
-    rule = Rule(candidates, means, control=options.get("control_variate", True))
-    scores = score(scored, inp, proposal, names, "crossfit", first.seed, rule)
-    dim = dataset.dim
-    result = EnsembleResult(
-        data=first.data.name,
-        members={lab: r.estimates for lab, r in zip(labels, results, strict=True)},
-        ensemble={n: _estimate_result(scores.estimates[n], dim) for n in names},
-        winners=_winners(scored, proposal, scores),
-        selection=mode,
-        points=first.points,
-        seed=first.seed,
-        arrays={f"ensemble/{k}": v.float() for k, v in _chosen(scored, scores).items()},
-    )
-    if save:
-        _write(result, results, labels, out or records.new_run_dir("ensemble", first.data.name))
-    return result
+        if save:
+            _write(result, results, labels, out or records.new_run_dir("ensemble", first.data.name))
+        return result
 
 
 def _chosen(curves: Any, scores: Any) -> dict[str, torch.Tensor]:
