@@ -458,13 +458,11 @@ def _outward(end: float, side: str) -> float:
 
 def _end_for(name: str, side: str, limit: float, inp: units.Inputs) -> tuple[str, float]:
     """The flag and the end of the range at which the scored images' mean tail on `side` is `limit` nats."""
-    from dataclasses import replace
-
     unit = units.UNITS[name]
     if side == "left":
-        left = lambda g: abs(float(unit.left(replace(inp, logsnr_min=g)).mean()))  # noqa: E731
+        left = lambda g: abs(float(unit.left(inp.with_range(logsnr_min=g)).mean()))  # noqa: E731
         return "--logsnr-min", tails.solve_end(left, limit, inp.logsnr_min, -1.0)
-    right = lambda g: abs(float(unit.right(replace(inp, logsnr_max=g)).mean()))  # noqa: E731
+    right = lambda g: abs(float(unit.right(inp.with_range(logsnr_max=g)).mean()))  # noqa: E731
     return "--logsnr-max", tails.solve_end(right, limit, inp.logsnr_max, 1.0)
 
 

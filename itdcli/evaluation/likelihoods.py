@@ -148,15 +148,15 @@ def _proposal(steps: _Steps, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]
     rows = pick.repeat_interleave(len(grid))
     terms = steps.terms(rows, grid.repeat(len(pick)), VLB_STREAM + 2).reshape(len(pick), len(grid))
     level = terms.pow(2).mean(0).sqrt()  # q_t ∝ √E[L_t²] minimises the variance of Σ_k L_{t_k}/(K q_{t_k})
-    everywhere = torch.from_numpy(_interp(torch.arange(1, T).double(), grid.double(), level)).to(F64)
+    everywhere = _interp(torch.arange(1, T).double(), grid.double(), level)
     return everywhere.clamp_min(PROPOSAL_FLOOR * float(level.max()) + 1e-300), grid, terms.mean(0)
 
 
-def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> object:
-    """numpy's linear interpolation (torch has none for unsorted queries)."""
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, as float64 (numpy's; torch has no interp)."""
     import numpy as np
 
-    return np.interp(x.numpy(), xp.numpy(), fp.numpy())
+    return torch.from_numpy(np.interp(x.numpy(), xp.numpy(), fp.numpy())).to(F64)
 
 
 def _stratified_round(steps: _Steps, proposal: Tensor, count: int, stream: int) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
 
@@ -42,6 +42,16 @@ class Inputs:
     def y(self) -> Tensor:
         """Eigen-coordinates of the scored images, (N, d)."""
         return self.ref.whiten(self.values)
+
+    def with_range(self, logsnr_min: float | None = None, logsnr_max: float | None = None) -> Inputs:
+        """The same images on another range, keeping their eigen-coordinates (which do not depend on it)."""
+        moved = replace(
+            self,
+            logsnr_min=self.logsnr_min if logsnr_min is None else logsnr_min,
+            logsnr_max=self.logsnr_max if logsnr_max is None else logsnr_max,
+        )
+        moved.__dict__["y"] = self.y  # seed the cached_property: whitening N×d images is the costly part
+        return moved
 
     @property
     def delta(self) -> float:
