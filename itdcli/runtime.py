@@ -285,8 +285,19 @@ def init_distributed(device: torch.device) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group, if one is initialised."""
+    """Leave the process group, if one is initialised (the exit hook; no barrier, since a rank may have failed)."""
     if _active():
+        dist.destroy_process_group()
+
+
+def leave() -> None:
+    """End a successful distributed command: wait for every rank, then leave the group while all objects live.
+
+    Ranks that reach the end at different times (rank 0 still writing) and a group torn down only at interpreter
+    exit let gloo's worker threads outlive the tensors they hold, which can abort a finished rank.
+    """
+    if _active():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -368,6 +368,7 @@ def _finetune(
             f"interrupted while drawing metrics.png; the checkpoint of step {state.step} is saved in {opts.folder}: "
             "run the same command with --resume to finish"
         ) from exc
+    runtime.leave()
     return FinetuneResult(
         out=str(opts.folder),
         steps=state.step,

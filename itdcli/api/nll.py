@@ -400,6 +400,7 @@ def _nll(
     )
     if opts.save:
         _save(result, opts.out, dataset.name)
+    runtime.leave()
     return result
 
 
