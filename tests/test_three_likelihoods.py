@@ -319,13 +319,35 @@ def test_full_loop_of_a_short_declared_schedule_matches_its_expectation() -> Non
     info = r.solvers["vlb"]
     assert info.details["schedule"] == "test schedule" and info.details["steps"] == 100
     assert info.details["method"].startswith("full loop")
-    assert info.evals_per_image == 99 + 2  # every step once, the decoder twice
+    assert info.evals_per_image == 99 + 1 + 2  # every step once, the unpaired last step again, the decoder twice
     expected = _bpd(BoundTerms(abar, "fixed_small", VLB_LEVELS).per_image(codes)["mean"], 4)
     e = r.estimates["vlb"]
     assert e.stderr_bpd is not None and e.stderr_bpd > 0
     assert abs(e.bpd - expected.mean()) <= 4 * e.stderr_bpd, (e.bpd, expected.mean(), e.stderr_bpd)
     wrong = _bpd(BoundTerms(abar, "fixed_large", VLB_LEVELS).per_image(codes)["mean"], 4).mean()
     assert abs(e.bpd - wrong) > 4 * e.stderr_bpd  # the variance kind the model declared is the one used
+
+
+def test_two_step_chain_counts_its_prior_and_the_variance_of_its_one_unpaired_step() -> None:
+    """T = 2 (ᾱ = 0.95, 0.6): decoder + L_1 + a large prior in closed form; L_1 has no partner to pair with.
+
+    The reported variance must cover Var L_1 + Var L_0/2 summed over images, and the mean must include the prior.
+    """
+    abar = np.array([0.95, 0.6])
+    schedule = DiscreteTime(torch.tensor(abar), "fixed_small", "two steps")  # Var L_1 ≈ 16 × Var L_0 / 2 here
+    codes = _codes(1024, seed=3)
+    r = nll(codes, Shrink(schedule), levels=VLB_LEVELS, estimator="vlb", vlb_full=True, device="cpu", save=False)
+    terms = BoundTerms(abar, "fixed_small", VLB_LEVELS)
+    expected = terms.per_image(codes)
+    e = r.estimates["vlb"]
+    assert e.stderr_bpd is not None and e.stderr_bpd > 0
+    mean = _bpd(expected["mean"], 4).mean()
+    assert abs(e.bpd - mean) <= 4 * e.stderr_bpd, (e.bpd, mean, e.stderr_bpd)
+    priors = np.array([terms.prior(float(v)) for v in terms.values])[codes.reshape(len(codes), -1).numpy()].sum(1)
+    assert _bpd(priors, 4).mean() > 6 * e.stderr_bpd  # leaving the prior out could not pass the line above
+    reported = (r.arrays["se/vlb"].numpy() * 4 * LN2) ** 2  # nats² per image
+    ratio = reported.sum() / expected["var"].sum()
+    assert 0.7 < ratio < 1.4, ratio
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +371,7 @@ def test_stratified_bound_agrees_with_the_full_loop_at_a_fraction_of_its_cost(
     for r in (full, strat):
         assert r.solvers["vlb"].details["schedule"].startswith("default")
         assert r.solvers["vlb"].details["steps"] == 1000
-    assert full.solvers["vlb"].evals_per_image == 999 + 2
+    assert full.solvers["vlb"].evals_per_image == 999 + 1 + 2
     assert strat.solvers["vlb"].details["method"].startswith("stratified")
     assert strat.solvers["vlb"].evals_per_image < 0.5 * full.solvers["vlb"].evals_per_image
     ef, es = full.estimates["vlb"], strat.estimates["vlb"]

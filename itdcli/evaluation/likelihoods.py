@@ -134,7 +134,11 @@ def _full(steps: _Steps, n: int) -> tuple[Tensor, Tensor]:
     t = torch.arange(1, count + 1).repeat(n)
     terms = steps.terms(torch.arange(n).repeat_interleave(count), t, VLB_STREAM + 1).reshape(n, count)
     pairs = terms[:, : count - count % 2].reshape(n, -1, 2)
-    return terms.sum(1), ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1)
+    variance = ((pairs[..., 0] - pairs[..., 1]) ** 2).sum(1)
+    if count % 2:  # the last step has no partner: a second draw of it gives Var L_last ≈ (a − a')²/2
+        again = steps.terms(torch.arange(n), torch.full((n,), count), VLB_STREAM - 1)
+        variance = variance + (terms[:, -1] - again) ** 2 / 2
+    return terms.sum(1), variance
 
 
 def _proposal(steps: _Steps, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
