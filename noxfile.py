@@ -46,5 +46,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/precision.py")
     session.run("python", "benchmarks/efficiency.py")
     session.run("python", "benchmarks/noise_floor.py")
+    session.run("python", "benchmarks/rounds.py")
     session.run("python", "benchmarks/curve_control.py")
     session.run("python", "benchmarks/vlb.py")

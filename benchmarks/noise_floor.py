@@ -6,13 +6,13 @@ noise draw. With S(γ)² that variance (averaged over images), the best density 
 strata give a dataset standard error of ∫ S dγ / √(N·J) with J points per image (Neyman allocation, Cochran
 1977, §5.5), so J ≥ (∫ S dγ)² / (N·SE²). This script measures S on a grid of logSNR with several noise draws
 per image, from itd's own engine (a proposal of zero width at each grid value), for the candidate each
-estimator would choose there (lowest mean error), after the noise-moment control variates (fitted per grid
-point, crossfit over two folds of images). It also computes the paper's
-standard error at 1,000 i.i.d. points from the same grid (logistic proposal, chosen candidate, no controls), and
-prints the floor on points for the 0.005 bpd target and for the paper's error, with the share of the paper's
-3,000 evaluations per image that the floor implies (one forward per point on x, shared by continuous and
-discrete; one on dequantized x). Run: python benchmarks/noise_floor.py [--grid 48] [--draws 4];
-writes benchmarks/out/noise_floor.json.
+estimator would choose there among the model's own projections (lowest mean error; the Gaussian's error
+only as a control), after that estimator's control variates (fitted per grid point, crossfit over two folds
+of images). It also computes the paper's standard error at 1,000 i.i.d. points from the same grid (logistic
+proposal, chosen candidate, no controls), and prints the floor on points for the 0.005 bpd target and for
+the paper's error, with the share of the paper's 3,000 evaluations per image that the floor implies (one
+forward per point on x, shared by continuous and discrete; one on dequantized x).
+Run: python benchmarks/noise_floor.py [--grid 48] [--draws 4]; writes benchmarks/out/noise_floor.json.
 """
 
 from __future__ import annotations
@@ -25,21 +25,25 @@ from pathlib import Path
 import torch
 
 import itdcli
-from itdcli.api.nll import NllOptions, make_proposal, resolve_reference
-from itdcli.core import controls
+from itdcli.api.nll import make_proposal, resolve_reference
+from itdcli.api.options import NllOptions
 from itdcli.core import estimators as est
 from itdcli.core.proposal import Proposal
-from itdcli.evaluation import engine
+from itdcli.evaluation import engine, units
+from itdcli.models.base import Denoiser
 
 F64 = torch.float64
 TARGET_BPD = 0.005
 PAPER_POINTS, PAPER_FORWARDS = 1000, 3
 
 
+ESTIMATORS = ("continuous", "discrete", "dequantized")
+
+
 def cell_errors(
-    model: torch.nn.Module, data: itdcli.Dataset, ref: itdcli.GaussianReference, gamma: float, draws: int, seed: int
+    model: Denoiser, data: itdcli.Dataset, ref: itdcli.GaussianReference, gamma: float, draws: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Every candidate error and control variate of itd's engine, (N, D) or (C, N, D), at one logSNR.
+    """Every candidate error and control variate of itd's engine, (N, D) each, at one logSNR.
 
     The engine is run with a proposal of zero width at γ, so its D points per image are D independent noise
     draws (and dequantization offsets) at the same logSNR.
@@ -50,19 +54,15 @@ def cell_errors(
         "iid",
         seed,
         engine.default_batch_size(data.dim),
-        kinds=frozenset({"model", "round", "deq"}),
+        kinds=units.kinds(list(ESTIMATORS)),
     )
-    cells = engine.evaluate(model, data, ref, plan, torch.device("cpu")).errors
-    cells["cv"] = torch.stack([cells["cv"], *(cells[c] for c in controls.NAMES)])
-    cells["cv_deq"] = torch.stack([cells["cv_deq"], *(cells[c] for c in controls.NAMES)])
-    return cells
+    return engine.evaluate(model, data, ref, plan, torch.device("cpu")).errors
 
 
-KINDS = {  # estimator: (candidates, control variates, integrand of the error e at expected Gaussian error m_G)
-    "continuous": (("model", "gauss"), "cv", lambda e, mg: 0.5 * (mg - e)),
-    "discrete": (("round", "model", "gauss"), "cv", lambda e, mg: 0.5 * e),
-    "dequantized": (("deq", "gauss_deq"), "cv_deq", lambda e, mg: 0.5 * (mg - e)),
-}
+def integrand(unit: units.Unit, error: torch.Tensor, gamma: float, mmse_g: float) -> torch.Tensor:
+    """The unit's own integrand (nats per unit logSNR) of the cells' chosen error, signed as it enters the value."""
+    cells = units.Cells(torch.full_like(error, gamma), None, torch.full_like(error, mmse_g))
+    return unit.sign * unit.form(error, cells)
 
 
 def main() -> None:
@@ -74,32 +74,31 @@ def main() -> None:
     data = itdcli.load_data("digits_test")
     resolved = resolve_reference(None, data)
     ref = resolved.ref
-    proposal = make_proposal(NllOptions(), resolved.spectrum)
+    proposal = make_proposal(NllOptions.model_validate({}), resolved.spectrum, ref, list(ESTIMATORS), data.levels)
     model = itdcli.load_model("digits", reference=ref)
     edges = torch.linspace(proposal.logsnr_min, proposal.logsnr_max, args.grid + 1, dtype=F64)
     mid, width = (edges[1:] + edges[:-1]) / 2, float(edges[1] - edges[0])
     n, dim = len(data), data.dim
     bpd = 1 / (dim * math.log(2))
     folds = est.crossfit_folds(n, 2, torch.Generator().manual_seed(1))
-    noise = {kind: torch.zeros(args.grid, dtype=F64) for kind in KINDS}
-    second = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in KINDS}  # E_ε f² per image, for the paper
-    mean = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in KINDS}
+    noise = {kind: torch.zeros(args.grid, dtype=F64) for kind in ESTIMATORS}
+    second = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in ESTIMATORS}  # E_ε f² per image, for the paper
+    mean = {kind: torch.zeros(args.grid, n, dtype=F64) for kind in ESTIMATORS}
     for i, gamma in enumerate(mid.tolist()):
         cells = cell_errors(model, data, ref, gamma, args.draws, seed=i)
         mg = float(ref.mmse(torch.tensor(gamma, dtype=F64)))
-        for kind, (names, cv, form) in KINDS.items():
-            best = min(names, key=lambda c: float(cells[c].mean()))
-            raw = form(cells[best], mg) * bpd
+        for kind in ESTIMATORS:
+            unit = units.UNITS[kind]
+            best = min(unit.candidates, key=lambda c: float(cells[c].mean()))  # the model's own projections only
+            raw = integrand(unit, cells[best], gamma, mg) * bpd
             mean[kind][i], second[kind][i] = raw.mean(1), (raw**2).mean(1)
-            if best in ("gauss", "gauss_deq"):
-                noise[kind][i] = raw.var(1).mean().sqrt()  # exact in ε (gauss) or noisy in u only (gauss_deq)
-                continue
+            cvs = torch.stack([cells[c] for c in unit.controls])
             bins = torch.zeros_like(cells[best], dtype=torch.long)
-            fitted = est.control_variate(cells[best], cells[cv], torch.ones_like(cells[best]), bins, folds)
-            noise[kind][i] = (form(fitted, mg) * bpd).var(1).mean().sqrt()
+            fitted = est.control_variate(cells[best], cvs, torch.ones_like(cells[best]), bins, folds)
+            noise[kind][i] = (integrand(unit, fitted, gamma, mg) * bpd).var(1).mean().sqrt()
     density = proposal.density(mid)
     rows = {}
-    for kind in KINDS:
+    for kind in ESTIMATORS:
         floor = float(noise[kind].sum() * width)  # ∫ S dγ
         integral_n = (mean[kind] * width).sum(0)
         var_iid = float(((second[kind] / density[:, None]) * width).sum(0).mean() - (integral_n**2).mean())

@@ -1,12 +1,13 @@
 """The variational bound: the full loop over every step against the stratified estimate at a few percent of its cost.
 
 Runs `itd nll --estimator vlb` on the bundled `digits` model (CPU) twice on the same images: `--vlb-full`
-(every step of the default T = 1000 schedule once, improved-diffusion's calc_bpd_loop, 1,001 evaluations per
-image with the decoder's two draws) and the default stratified estimate with a target loose enough that its
-first round of 32 steps per image stops it (pilot and decoder included, under 5% of the full loop's evaluations
-on 100 images or more). Prints bpd ± Monte Carlo SE, evaluations per image, seconds and the difference in units
-of the combined SE, with the default ITD estimates (discrete, dequantized) on the same images as a reference
-row; writes benchmarks/out/vlb.json. Run: python benchmarks/vlb.py [--limit 100] [--seed 0] [--no-itd]
+(every step of the default T = 1000 schedule once, improved-diffusion's calc_bpd_loop, 1,002 evaluations per
+image with the decoder's two draws and a second draw of the unpaired last step) and the default stratified
+estimate with a target loose enough that its first round of 32 steps per image stops it (pilot and decoder
+included, under 5% of the full loop's evaluations on 100 images or more). Prints bpd ± Monte Carlo SE,
+evaluations per image, seconds and the difference in units of the combined SE, with the default ITD estimates
+(discrete, dequantized) on the same images as a reference row; writes benchmarks/out/vlb.json.
+Run: python benchmarks/vlb.py [--limit 100] [--seed 0] [--no-itd]
 """
 
 from __future__ import annotations

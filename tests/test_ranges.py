@@ -37,6 +37,14 @@ def test_a_user_range_that_leaves_a_tail_above_its_limit_is_warned_with_its_size
     assert size == pytest.approx(exact, rel=1e-9)
 
 
+def test_a_target_so_loose_that_the_tails_alone_meet_it_falls_back_to_the_papers_range() -> None:
+    """--target-stderr 50: every tail is below 5 bpd at any range, so the tails cannot place the ends."""
+    run = itdcli.nll("digits_test", "digits", estimator="discrete", target_stderr=50.0, limit=8, seed=0, save=False)
+    p = run.proposal
+    assert p.logsnr_min == pytest.approx(p.loc - 4 * p.scale) and p.logsnr_max == pytest.approx(p.loc + 4 * p.scale)
+    assert run.estimates["discrete"].stderr_bpd is not None
+
+
 def test_an_integer_reference_is_read_at_the_datas_levels_and_another_scale_is_refused() -> None:
     test, train = itdcli.load_data("digits_test"), itdcli.load_data("digits_train")
     opts = {**FAST, "estimator": "discrete", "levels": 17}

@@ -160,6 +160,8 @@ def make_proposal(
         lo, hi = loc - clip * scale, loc + clip * scale
     else:
         lo, hi = units.tail_range(names, ref, levels, tail_limit(opts, ref.dim))
+        if not lo < hi:  # a target so loose that the tails alone meet it: the paper's range instead
+            lo, hi = loc - PAPER_CLIP * scale, loc + PAPER_CLIP * scale
     lo = lo if opts.logsnr_min is None else opts.logsnr_min
     hi = hi if opts.logsnr_max is None else opts.logsnr_max
     if not lo < hi:
@@ -394,7 +396,8 @@ def _nll(
         ),
         warnings=_run_warnings(reference, dataset, proposal, denoiser)
         + _range_warnings(tails, scores, dataset.dim, run.inputs(plan))
-        + run.warnings,
+        + run.warnings
+        + [f"{n}: {d.details['warning']}" for n, d in solved.items() if "warning" in d.details],
         notes=_notes(_model_name(model), integrals, scores, dataset.levels, proposal),
         arrays={**_arrays(curves, scores, ref, dataset.dim, index), **_solver_arrays(solved)},
     )

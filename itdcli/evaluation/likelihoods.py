@@ -177,8 +177,14 @@ def _stratified_round(steps: _Steps, proposal: Tensor, count: int, stream: int) 
     return total, se**2
 
 
-def _rounds(steps: _Steps, proposal: Tensor, target: float | None, dim: int) -> tuple[Tensor, Tensor, int]:
-    """Rounds of stratified steps until the dataset's standard error meets `target` bpd (or every step is drawn)."""
+def _rounds(
+    steps: _Steps, proposal: Tensor, target: float | None, dim: int, decoder_var: Tensor
+) -> tuple[Tensor, Tensor, int]:
+    """Rounds of stratified steps until the dataset's standard error meets `target` bpd (or every step is drawn).
+
+    The error that must meet the target is the whole bound's: the steps' variance plus the decoder's
+    `decoder_var` (per image), which more steps cannot lower.
+    """
     n, cap = len(steps.inp.index), steps.schedule.steps - 1
     sums, variances, counts, count, stream = [], [], [], FIRST_STEPS, VLB_STREAM + 3
     while True:
@@ -190,11 +196,13 @@ def _rounds(steps: _Steps, proposal: Tensor, target: float | None, dim: int) -> 
         k = torch.tensor(counts, dtype=F64)
         mean = sum(c * s for c, s in zip(counts, sums, strict=True)) / k.sum()
         variance = sum(c**2 * v for c, v in zip(counts, variances, strict=True)) / k.sum() ** 2
-        se = float(variance.sum().sqrt() / n) / (dim * math.log(2))
+        unit = n * dim * math.log(2)  # nats summed over images per bpd of the mean
+        se = float((variance + decoder_var).sum().sqrt()) / unit
         done = int(k.sum())
-        if target is None or se <= target or done >= cap:
+        room = (target * unit) ** 2 - float(decoder_var.sum()) if target is not None else 0.0
+        if target is None or se <= target or done >= cap or room <= 0:  # room ≤ 0: the decoder alone misses it
             return mean, variance, done
-        wanted = math.ceil(done * ((se / target) ** 2 - 1))
+        wanted = math.ceil(done * (float(variance.sum()) / room - 1))
         count = min(max(8, wanted + wanted % 2), cap - done + (cap - done) % 2)
 
 
@@ -212,8 +220,15 @@ def vlb(inp: SolverInputs) -> Solved:
     else:
         proposal, grid, profile = _proposal(steps, n, inp.seed)
         pilot = steps.evals
-        rest, rest_var, drawn = _rounds(steps, proposal, inp.target, dim)
+        rest, rest_var, drawn = _rounds(steps, proposal, inp.target, dim, first_var)
         details.update(method="stratified steps, importance weights from a pilot", steps_per_image=drawn)
+        decoder_se = float(first_var.sum().sqrt()) / (n * dim * math.log(2))
+        if inp.target is not None and decoder_se > inp.target:
+            details["warning"] = (
+                f"the decoder term's two draws alone have a standard error of {decoder_se:.4f} bpd, above the target "
+                f"{inp.target:g}, which more steps cannot lower: score more images (a larger --limit) or give "
+                f"--target-stderr {1.1 * decoder_se:.2g} or more"
+            )
         details["pilot_evals"] = pilot
         gamma = steps.schedule.logsnr
         width = (gamma[grid - 1] - gamma[grid]).abs()  # the logSNR interval step t covers
