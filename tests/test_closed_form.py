@@ -126,7 +126,13 @@ def test_dequantized_mass_above_the_default_range_is_never_silent(levels: int, n
     assert gap > 3 * e.stderr_nats
     predicted = r.missing_above_bpd["dequantized"] * 8 * math.log(2)
     assert 0.25 * gap < predicted, (gap, predicted)
-    assert any(w.startswith("dequantized: about") and "--logsnr-max" in w for w in r.warnings)
+    (line,) = [w for w in r.warnings if w.startswith("dequantized: about")]
+    advised = float(line.rsplit("--logsnr-max ", 1)[1].split()[0])
+    assert advised > r.proposal.logsnr_max
+    followed = itdcli.nll(data, _box_model(pts, levels), levels=levels, logsnr_max=advised, **QUIET)
+    assert not [w for w in followed.warnings if w.startswith("dequantized: about")]  # the advice works
+    f = followed.estimates["dequantized"]
+    assert f.nats - math.log(k) < 3 * math.hypot(f.stderr_nats, 0.5 * f.stderr_nats)  # and reaches log K
 
 
 def test_dequantized_bound_of_a_uniform_grid_law_is_log_k_on_a_wide_range() -> None:

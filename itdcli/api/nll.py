@@ -446,11 +446,13 @@ def _range_warnings(tails: dict[str, TailInfo], scores: Any, dim: int, inp: unit
                     f"{t.limit_bpd:.4f}: give {flag} {_outward(end, side):.2f} to bring it under"
                 )
     for name, missing in scores.missing.items():
-        se = scores.estimates[name].stderr
-        if missing > 0.5 * bits_per_dim(se, dim):
+        allowed = 0.5 * bits_per_dim(scores.estimates[name].stderr, dim)
+        if missing > allowed:
+            # the extrapolation decays as e^{−(γ − γ_R)/2} (scoring._missing_above): this end leaves `allowed`
+            end = _outward(inp.logsnr_max + 2 * math.log(missing / allowed), "right")
             out.append(
                 f"{name}: about {missing:.4f} bpd may lie above the top of the logSNR range (the model still beats "
-                "the identity decoder there): raise --logsnr-max"
+                f"the identity decoder there): give --logsnr-max {end:.2f} or more"
             )
     return out
 
