@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +262,7 @@ def _download_file(job: _Job) -> DownloadRecord:
         if _matches(expected, md5, sha256):
             _part(target).unlink(missing_ok=True)  # a part left by an interrupted --force is of no more use
             return _file_record(job, target, md5, sha256, expected, skipped=True)
-    _check_space(target.parent, a.size - _part_size(target), a.name)
+    outputs.require_space(target.parent, a.size - _part_size(target), a.name, "--dir", SPACE_MARGIN)
     md5, sha256 = _fetch_verified(job, target, expected)
     return _file_record(job, target, md5, sha256, expected, skipped=False)
 
@@ -369,22 +368,6 @@ def _mismatch(job: _Job, target: Path, part: Path, expected: tuple[str, str, Bas
     )
 
 
-def _check_space(folder: Path, need: int, name: str) -> None:
-    """Fail early when the filesystem of `folder` lacks `need` bytes plus a margin."""
-    probe = outputs.existing_ancestor(folder)
-    free = shutil.disk_usage(probe).free
-    if free < max(need, 0) + SPACE_MARGIN:
-        raise ItdError(
-            f"not enough free space for {name} in {probe}: it needs about {_mb(need)} plus {_mb(SPACE_MARGIN)}"
-            f" of margin, {_mb(free)} is free; free some space or choose another --dir"
-        )
-
-
-def _mb(size: int) -> str:
-    """Bytes as megabytes."""
-    return f"{size / 1e6:,.1f} MB"
-
-
 # tarballs
 
 
@@ -395,7 +378,9 @@ def _download_tarball(job: _Job) -> DownloadRecord:
     if not job.force and _tree_state(a, dest) == "verified":
         return _tarball_record(job, dest, a.size, skipped=True)
     fetching = job.force or _file_state(a, tarball) != "verified"
-    _check_space(dest.parent, (a.size - _part_size(tarball) if fetching else 0) + a.unpacked, a.name)
+    outputs.require_space(
+        dest.parent, (a.size - _part_size(tarball) if fetching else 0) + a.unpacked, a.name, "--dir", SPACE_MARGIN
+    )
     if fetching:
         _fetch_verified(job, tarball, _expected(a, tarball))
     size = tarball.stat().st_size
@@ -440,7 +425,7 @@ def _download_hub(job: _Job) -> DownloadRecord:
     if not job.force and _hub_state(a, dest) == "verified":
         entry = manifest.read(dest.parent)[dest.name]
         return _hub_record(job, dest, entry, basis="recorded", skipped=True)
-    _check_space(dest.parent, a.size, a.name)
+    outputs.require_space(dest.parent, a.size, a.name, "--dir", SPACE_MARGIN)
     try:
         commit = hub.snapshot(a.repo, a.revision, a.files, dest, job.force)
     except Exception as exc:  # the Hub client's many failure types all become one line

@@ -91,13 +91,19 @@ def check(path: Path, flag: str, need: int = 0, example: str | None = None) -> P
     reason = _probe_write(folder)
     if reason is not None:
         raise ItdError(f"cannot write in '{folder}' ({reason}): choose a writable {flag}")
-    free = shutil.disk_usage(folder).free
-    if free < need + SPACE_MARGIN:
-        raise ItdError(
-            f"not enough free space for {flag} '{path}': about {_mb(need + SPACE_MARGIN)} is needed, {_mb(free)} is "
-            f"free in {folder}; free some space or choose another {flag} on a disk with room"
-        )
+    require_space(folder, need, f"{flag} '{path}'", flag)
     return path
+
+
+def require_space(folder: Path, need: int, what: str, flag: str, margin: int = SPACE_MARGIN) -> None:
+    """Fail in one line unless the filesystem of `folder` (or its nearest existing ancestor) has `need` + `margin`."""
+    probe = existing_ancestor(folder)
+    free = shutil.disk_usage(probe).free
+    if free < max(need, 0) + margin:
+        raise ItdError(
+            f"not enough free space for {what}: about {_mb(max(need, 0) + margin)} is needed, {_mb(free)} is free "
+            f"in {probe}; free some space or choose another {flag} on a disk with room"
+        )
 
 
 def _mb(size: int) -> str:
@@ -167,3 +173,31 @@ def clear_stale(path: Path) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a file made by mkstemp (mode 0600) the mode the user's umask would have given it."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole through a temporary sibling and a rename, so a kill leaves the old file or the new one.
+
+    The temporary is named with `temp_prefix`, so `clear_stale` removes one a killed writer left.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        publish_mode(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

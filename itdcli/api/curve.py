@@ -104,7 +104,7 @@ def _draw(
     os.close(fd)
     try:
         plot.draw(series, f"ε-MSE curves on {title}", Path(tmp), shade)
-        records.publish_mode(Path(tmp))
+        outputs.publish_mode(Path(tmp))
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -392,9 +391,10 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
 
 def _replace_text(path: Path, text: str) -> None:
     """Write `path` whole through a temporary sibling and a rename (a kill leaves the old or the new file)."""
-    tmp = path.with_name(f".itd-tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from itdcli import outputs
+
+    outputs.clear_stale(path)  # the run folder is held by this process, so a sibling temporary is a killed one's
+    outputs.write_atomic(path, text.encode())
 
 
 def _last_loss(out: Path) -> float | None:

@@ -91,21 +91,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def publish_mode(path: Path) -> None:
-    """Give a file made by mkstemp (mode 0600) the mode the user's umask would have given it."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
 def _publish_modes(folder: Path) -> None:
     """Give a mkdtemp folder, its subfolders and files the modes the user's umask would have given them."""
-    umask = _umask()
+    umask = outputs.umask()
     os.chmod(folder, 0o777 & ~umask)
     for path in folder.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
@@ -145,9 +133,7 @@ def remember_latest(run: Path) -> None:
     home = itd_home()
     with contextlib.suppress(OSError):
         home.mkdir(parents=True, exist_ok=True)
-        tmp = home / f".latest-run.{os.getpid()}"
-        tmp.write_text(str(run) + "\n")
-        os.replace(tmp, home / "latest-run")
+        outputs.write_atomic(home / "latest-run", (str(run) + "\n").encode())
 
 
 def latest_run() -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -48,9 +47,6 @@ def record(folder: Path, name: str, entry: Entry) -> None:
     from itdcli import outputs
 
     with outputs.serialized(folder / MANIFEST):  # downloads of other artifacts into the folder update it too
-        for stale in folder.glob(f".{MANIFEST}.*.tmp"):  # left by a killed writer: none is live while we hold it
-            stale.unlink(missing_ok=True)
+        outputs.clear_stale(folder / MANIFEST)  # left by a killed writer: none is live while we hold the lock
         entries = read(folder) | {name: entry}
-        tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_bytes(_ENTRIES.dump_json(entries, indent=2) + b"\n")
-        os.replace(tmp, folder / MANIFEST)
+        outputs.write_atomic(folder / MANIFEST, _ENTRIES.dump_json(entries, indent=2) + b"\n")
