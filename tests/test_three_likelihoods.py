@@ -553,3 +553,19 @@ def test_non_differentiable_model_is_refused_by_the_ode_naming_the_logsnr(how: s
     message = str(info.value)
     assert "\n" not in message
     assert "not differentiable" in message and "at logSNR 5 of [" in message, message
+
+
+def test_an_ode_that_runs_out_of_steps_is_one_line_naming_the_options_that_change_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--ode-max-steps 2 on the digits: exit 2, one line with the logSNR reached and the flags; more steps solve it."""
+    base = ["nll", "digits_test", "--model", "digits", "--estimator", "ode", "--limit", "2", "--probes", "2",
+            "--rtol", "1e-2", "--atol", "1e-2", "--logsnr-min", "0", "--logsnr-max", "2"]  # fmt: skip
+    code, _, err = run([*base, "--ode-max-steps", "2", "--out", str(tmp_path / "few")], capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "did not converge (max_num_steps exceeded)" in line and "stopped at logSNR" in line
+    assert "--ode-max-steps (now 2)" in line and "--rtol/--atol" in line
+    code, out, err = run([*base, "--ode-max-steps", "200", "--json", "--out", str(tmp_path / "more")], capsys)
+    assert code == 0, err
+    assert math.isfinite(json.loads(out)["estimates"]["ode"]["bpd"])

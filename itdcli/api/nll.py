@@ -217,6 +217,7 @@ def _solve(
         opts.probes,
         opts.rtol,
         opts.atol,
+        opts.ode_max_steps,
     )
     solved = {name: units.SOLVERS[name].run(inp) for name in names}
     if len(local) != len(index):

@@ -66,6 +66,7 @@ class NllOptions(BaseModel):
     probes: Annotated[StrictInt, Field(ge=2)] = 4  # Hutchinson probes per image for the ODE's divergence
     rtol: float = Field(1e-5, gt=0)
     atol: float = Field(1e-5, gt=0)
+    ode_max_steps: Count = 10_000  # accepted ODE solver steps per batch of images before it gives up
     out: Path | None = None
     overwrite: bool = False
     save: bool = True

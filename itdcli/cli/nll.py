@@ -129,6 +129,10 @@ def nll_command(
     atol: Annotated[
         float | None, typer.Option(help=f"ODE solver absolute tolerance (default {default('atol')}).")
     ] = None,
+    ode_max_steps: Annotated[
+        int | None,
+        typer.Option(help=f"ODE solver steps per batch before it gives up (default {default('ode_max_steps'):,})."),
+    ] = None,
     out: o.OutDirOpt = None,
     overwrite: o.OverwriteOpt = False,
     json_out: o.JsonOpt = False,
@@ -171,6 +175,7 @@ def nll_command(
         "probes": probes,
         "rtol": rtol,
         "atol": atol,
+        "ode_max_steps": ode_max_steps,
         "out": out,
         "overwrite": overwrite,
     }

@@ -31,10 +31,10 @@ _SOLVER_FAILURES = ("underflow in dt", "max_num_steps exceeded", "non-finite val
 class SolverError(ItdError):
     """The probability-flow ODE could not be solved; `logsnr_reached` is the last logSNR the field was evaluated at."""
 
-    def __init__(self, message: str, logsnr_reached: float) -> None:
-        """Keep the logSNR reached beside the one-line message."""
+    def __init__(self, message: str, logsnr_reached: float, failure: str | None = None) -> None:
+        """Keep the logSNR reached (and the solver's own failure, when it gave up) beside the one-line message."""
         super().__init__(message)
-        self.logsnr_reached = logsnr_reached
+        self.logsnr_reached, self.failure = logsnr_reached, failure
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ def _solve(
             f"the probability-flow ODE did not converge ({reason}): stopped at logSNR {field.last_logsnr:.3g} of "
             f"{_range_text(field.lo, field.hi)}; loosen rtol/atol, raise max_steps or narrow the logSNR range",
             field.last_logsnr,
+            reason,
         ) from None
     return z_path[-1], acc_path[-1]
 

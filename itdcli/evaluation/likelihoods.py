@@ -53,6 +53,7 @@ class SolverInputs:
     probes: int = 4
     rtol: float = 1e-5
     atol: float = 1e-5
+    ode_max_steps: int = 10_000  # accepted solver steps per batch of images before the ODE gives up
 
 
 @dataclass
@@ -252,6 +253,33 @@ def _gaussian_prior(ref: GaussianReference, logsnr: float) -> flow.Prior:
     return log_density
 
 
+def _flow(inp: SolverInputs, x: Tensor, gen: torch.Generator, prior: flow.Prior) -> flow.FlowLikelihood:
+    """One batch's flow log-density; a solver that gives up is reworded with the options that change it."""
+    try:
+        return flow.flow_log_density(
+            inp.net,
+            x,
+            inp.logsnr_max,
+            inp.logsnr_min,
+            probes=inp.probes,
+            rtol=inp.rtol,
+            atol=inp.atol,
+            generator=gen,
+            prior=prior,
+            max_steps=inp.ode_max_steps,
+        )
+    except flow.SolverError as err:
+        if err.failure is None:
+            raise
+        raise flow.SolverError(
+            f"the probability-flow ODE did not converge ({err.failure}): stopped at logSNR {err.logsnr_reached:.3g} "
+            f"of [{inp.logsnr_min:.3g}, {inp.logsnr_max:.3g}]; loosen --rtol/--atol (now {inp.rtol:g}/{inp.atol:g}), "
+            f"raise --ode-max-steps (now {inp.ode_max_steps:,}) or narrow --logsnr-min/--logsnr-max",
+            err.logsnr_reached,
+            err.failure,
+        ) from None
+
+
 def ode(inp: SolverInputs) -> Solved:
     """−log p(x) by the probability-flow ODE, on dequantized x with + d log(1/δ) for integer data (Song et al. 2021)."""
     start = time.perf_counter()
@@ -267,17 +295,7 @@ def ode(inp: SolverInputs) -> Solved:
             rows = torch.arange(s, min(n, s + batch))
             gen = runtime.generator(inp.seed, int(inp.index[rows[0]]), ODE_STREAM + d)
             u = torch.rand(x[rows].shape, generator=gen, dtype=F64) if levels else torch.full_like(x[rows], 0.5)
-            solved = flow.flow_log_density(
-                inp.net,
-                (x[rows] + delta * (u - 0.5)).to(inp.device, torch.float32),
-                inp.logsnr_max,
-                inp.logsnr_min,
-                probes=inp.probes,
-                rtol=inp.rtol,
-                atol=inp.atol,
-                generator=gen,
-                prior=prior,
-            )
+            solved = _flow(inp, (x[rows] + delta * (u - 0.5)).to(inp.device, torch.float32), gen, prior)
             values[rows, d] = -solved.log_density.to("cpu", F64) + (dim * math.log(1 / delta) if levels else 0.0)
             probe_var[rows, d] = solved.probe_se.to("cpu", F64) ** 2
             nfe += solved.nfe * len(rows)
