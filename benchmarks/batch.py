@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from outdir import out_dir
 
 import itdcli
 from itdcli import runtime
@@ -53,8 +53,7 @@ def main() -> None:
     for b in args.sizes:
         mark = "  <- itd default" if b == default else ""
         print(f"{b:>6}  {best[b]:>16.0f}  {best[b] / largest:>13.2f}{mark}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     rows = [{"batch": b, "forwards_per_second": best[b]} for b in args.sizes]
     (out / "batch.json").write_text(json.dumps({"device": str(device), "default": default, "rows": rows}, indent=2))
 

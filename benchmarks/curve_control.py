@@ -9,7 +9,8 @@ set from this table. Run: python benchmarks/curve_control.py; writes benchmarks/
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from outdir import out_dir
 
 import itdcli
 from itdcli.evaluation import scoring
@@ -55,8 +56,7 @@ def main() -> None:
         mark = "" if r["intervals"] >= default else "  (itd: off)"
         ratios = " ".join(f"{v:>10.2f}" for v in r["ratio"])
         print(f"{str(r['images']) + ' x ' + str(r['points']):>16} {r['intervals']:>9}  {ratios}{mark}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     (out / "curve_control.json").write_text(json.dumps({"min_knots": default, "rows": rows}, indent=2) + "\n")
 
 

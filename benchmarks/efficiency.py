@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from outdir import out_dir
+
 import itdcli
 
 BASE = {"adapt": False, "control_variate": False, "scheme": "stratified"}
@@ -67,8 +69,7 @@ def main() -> None:
         cells = " ".join(f"{r[n]:>9.4f} {r[f'share/{n}']:>7.2%}" for n in ESTIMATORS)
         print(f"{r['technique']:<18} {r['points']:>6} {r['evals']:>7.1f} {cells}")
     print("paper's 1,000-point SE (extrapolated): " + ", ".join(f"{n} {v:.4f}" for n, v in paper.items()))
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     (out / "efficiency.json").write_text(json.dumps({"paper_se_1000": paper, "rows": rows}, indent=2) + "\n")
     _figure(rows, out / "efficiency.png")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from outdir import out_dir
 
 import itdcli
 from itdcli import runtime
@@ -72,8 +72,7 @@ def main() -> None:
     print(f"{'method':<50} {'points/s':>10} {'forwards/point':>15} {'ratio':>7}")
     for name, rate, forwards in rows:
         print(f"{name:<50} {rate:>10.0f} {forwards:>15.0f} {rate / naive:>7.2f}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     payload = {"device": result.device, "points": args.points, "images": args.limit, "naive": naive, "itd": ours}
     (out / "nll.json").write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
+from outdir import out_dir
 
 import itdcli
 from itdcli.api.nll import make_proposal, resolve_reference
@@ -123,8 +123,7 @@ def main() -> None:
         f"floor on evaluations per image: {main_target + rows['dequantized']['points_target']:.1f} for ±{TARGET_BPD}, "
         f"{main_paper + rows['dequantized']['points_paper']:.1f} for the paper's errors ({share:.2%} of its 3,000)"
     )
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     payload = {"grid": args.grid, "draws": args.draws, "images": n, "rows": rows, "share_for_paper_se": share}
     (out / "noise_floor.json").write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
+from outdir import out_dir
 
 import itdcli
 from itdcli import runtime
@@ -71,8 +71,7 @@ def main() -> None:
         print(f"{g:>7.1f} " + " ".join(f"{row[n]:>16.2e} {running[n]:>9.2e}" for n in running))
     limits = ", ".join(f"{m} {v:g}" for m, v in safe.items())
     print(f"safe up to (running change ≤ {BUDGET_BPD:g} bpd): {limits}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     payload = {
         "device": str(device),
         "images": args.images,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
+
+from outdir import out_dir
 
 import itdcli
 
@@ -51,8 +52,7 @@ def main() -> None:
     for i, j in enumerate(args.points):
         print(f"{j:>7} " + " ".join(f"{table[n][i]:>12.5f}" for n in ESTIMATORS))
     print(f"{'α':>7} " + " ".join(f"{rates[n]:>12.3f}" for n in ESTIMATORS) + "   (SE ∝ J^−α; i.i.d. points: 0.5)")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     payload = {"points": args.points, "seeds": args.seeds, "stderr_bpd": table, "rates": rates}
     (out / "rounds.json").write_text(json.dumps(payload, indent=2) + "\n")
 

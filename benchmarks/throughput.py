@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from outdir import out_dir
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -267,8 +268,7 @@ def main() -> None:
     print(f"{device_name(device)}{threads}, torch {torch.__version__}, base width {args.width}, parameters {params}")
     print_table(rows)
     print_notes(rows, peak, device)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     payload = {
         "device": device_name(device),
         "device_type": device.type,

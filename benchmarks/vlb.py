@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 from typing import Any
+
+from outdir import out_dir
 
 import itdcli
 
@@ -78,8 +79,7 @@ def main() -> None:
     if share > BUDGET:
         print(f"note: the stratified bound used {share:.1%} of the full loop's evaluations (budget {BUDGET:.0%})")
     print("Δ/SE: (bpd − full loop) / √(SE² + SE_full²), for the bound's rows only")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = out_dir()
     record = {"model": args.model, "data": args.data, "n_images": full.data.n_images, "seed": args.seed, "rows": rows}
     (out / "vlb.json").write_text(json.dumps(record, indent=2) + "\n")
 
