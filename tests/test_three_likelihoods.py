@@ -87,41 +87,47 @@ def _gaussian_nll(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarra
     return -stats.multivariate_normal(mean, cov).logpdf(x)
 
 
-def _check_per_image(z: np.ndarray) -> None:
-    """Per-image errors in units of their own standard error: few beyond 3, none far beyond (64-probe SEs)."""
-    assert float(np.mean(np.abs(z) > 3)) <= 0.1, np.round(z, 2)
-    assert float(np.abs(z).max()) < 6, np.round(z, 2)
-
-
 # ---------------------------------------------------------------- 1. Gaussian data, exact denoiser
 
 
-@pytest.mark.parametrize(("shape", "logsnr_max"), [((1, 2, 2), None), ((1, 2, 4), 3.0)])
+EXACT_BPD = 2e-3  # per image: what dopri5 at rtol = atol = 1e-5 may leave with the exact trace
+
+
+@pytest.mark.parametrize(
+    ("shape", "logsnr_max", "probes"), [((1, 2, 2), None, 64), ((1, 2, 4), 3.0, 64), ((1, 2, 4), 3.0, 4)]
+)
 def test_ode_of_gaussian_data_is_the_gaussian_density_at_the_top_logsnr(
-    shape: tuple[int, int, int], logsnr_max: float | None
+    shape: tuple[int, int, int], logsnr_max: float | None, probes: int
 ) -> None:
-    """−log p(x) = −log N(x; μ, Σ + e^{−γ_R} I) per image and on average; γ_R = 3 makes the e^{−γ_R} I visible."""
+    """−log p(x) = −log N(x; μ, Σ + e^{−γ_R} I); γ_R = 3 makes the e^{−γ_R} I visible.
+
+    With d ≤ probes the divergence is the exact trace: every image matches up to the solver's tolerance and
+    no error is claimed; with 4 probes for d = 8, Hutchinson: the mean within 3 of its standard errors.
+    """
     d = math.prod(shape)
     mean, cov = _spd(d, seed=d)
     x = np.random.default_rng(1).multivariate_normal(mean, cov, size=40)
     data = torch.tensor(x, dtype=torch.float32).reshape(-1, *shape)
     extra = {} if logsnr_max is None else {"logsnr_max": logsnr_max}
-    r = nll(data, GaussianDenoiser(mean, cov), reference=_reference(mean, cov), estimator="ode", probes=64,
+    r = nll(data, GaussianDenoiser(mean, cov), reference=_reference(mean, cov), estimator="ode", probes=probes,
             device="cpu", save=False, **extra)  # fmt: skip
     top = r.proposal.logsnr_max
     assert logsnr_max is None or top == logsnr_max
     xs = data.double().reshape(-1, d).numpy()
     exact = _bpd(_gaussian_nll(xs, mean, cov + math.exp(-top) * np.eye(d)), d)
-    bpd, se = _per_image(r, "ode")
-    _check_per_image((bpd - exact) / se)
-    e = r.estimates["ode"]
-    assert e.stderr_bpd is not None and e.stderr_bpd > 0
-    assert abs(e.bpd - exact.mean()) <= 3 * e.stderr_bpd, (e.bpd, exact.mean(), e.stderr_bpd)
-    if logsnr_max is not None:  # the smoothing is resolved: the unsmoothed density is far off
+    bpd, _ = _per_image(r, "ode")
+    e, details = r.estimates["ode"], r.solvers["ode"].details
+    assert e.stderr_bpd is not None
+    if d <= probes:
+        assert details["probes"] == "exact trace (d ≤ probes)" and e.stderr_bpd == 0
+        assert float(np.abs(bpd - exact).max()) < EXACT_BPD, np.abs(bpd - exact).max()
+    else:
+        assert details["probes"] == probes and e.stderr_bpd > 0
+        assert abs(e.bpd - exact.mean()) <= 3 * e.stderr_bpd, (e.bpd, exact.mean(), e.stderr_bpd)
+    if logsnr_max is not None and d <= probes:  # the smoothing is resolved: the unsmoothed density is far off
         plain = _bpd(_gaussian_nll(xs, mean, cov), d).mean()
-        assert abs(e.bpd - plain) > 5 * e.stderr_bpd
-    details = r.solvers["ode"].details
-    assert details["probes"] == 64 and details["dequantization_draws"] == 1
+        assert abs(e.bpd - plain) > 5 * EXACT_BPD
+    assert details["dequantization_draws"] == 1
     assert r.solvers["ode"].evals_per_image > 0
 
 
@@ -175,14 +181,12 @@ def test_ode_of_mixture_data_is_the_mixture_density_at_the_top_logsnr(logsnr_max
     top = r.proposal.logsnr_max
     xs = data.double().reshape(-1, 4)
     exact = _bpd(MixtureDenoiser(means, variances + math.exp(-top), w).nll(xs).numpy(), 4)
-    bpd, se = _per_image(r, "ode")
-    _check_per_image((bpd - exact) / se)
+    bpd, _ = _per_image(r, "ode")
+    assert float(np.abs(bpd - exact).max()) < EXACT_BPD, np.abs(bpd - exact).max()  # d = 4 ≤ 64: exact trace
     e = r.estimates["ode"]
-    assert e.stderr_bpd is not None
-    assert abs(e.bpd - exact.mean()) <= 3 * e.stderr_bpd, (e.bpd, exact.mean(), e.stderr_bpd)
     if logsnr_max is not None:
         plain = _bpd(mix.nll(xs).numpy(), 4).mean()
-        assert abs(e.bpd - plain) > 5 * e.stderr_bpd
+        assert abs(e.bpd - plain) > 5 * EXACT_BPD
 
 
 # ---------------------------------------------------------------- 3. the variational bound
