@@ -268,13 +268,14 @@ def local_device(name: str = "auto") -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device) -> bool:
     """Join torchrun's process group once (NCCL for CUDA, gloo otherwise); a no-op for a single process.
 
-    A CUDA `device` without an index means cuda:LOCAL_RANK. The group lasts until `shutdown()` or exit.
+    A CUDA `device` without an index means cuda:LOCAL_RANK. The group lasts until `leave()`, `shutdown()` or
+    exit. True when this call joined it: only that caller leaves it (an nll run inside a finetune must not).
     """
     if not distributed() or _active():
-        return
+        return False
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
         torch.cuda.set_device(device)
@@ -282,6 +283,7 @@ def init_distributed(device: torch.device) -> None:
     else:
         dist.init_process_group("gloo")
     atexit.register(shutdown)
+    return True
 
 
 def shutdown() -> None:

@@ -191,6 +191,21 @@ def test_two_process_finetune_completes_and_writes_one_checkpoint(tmp_path: Path
 
 
 @needs_gloo
+def test_two_process_finetune_with_periodic_evaluation_keeps_its_process_group(tmp_path: Path) -> None:
+    """An nll evaluation inside a finetune joins no group of its own, so it must not leave the training's group."""
+    out = tmp_path / "run"
+    arch = "iddpm:channels=32,res_blocks=1,mult=1,attn=none,heads=4,dropout=0.1"
+    args = ["-m", "itdcli", "finetune", "--init", "scratch", "--arch", arch, "--data", "digits_train",
+            "--out", str(out), "--steps", "4", "--batch-size", "16", "--log-every", "1", "--device", "cpu",
+            "--eval-data", "digits_test", "--eval-every", "2", "--eval-limit", "8", "--eval-points", "4",
+            "--json"]  # fmt: skip
+    proc = launch(args, tmp_path)
+    assert json_documents(proc.stdout)[0]["steps"] == 4
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" in e]
+    assert [e["step"] for e in evals] == [2, 4]  # training went on after the first evaluation
+
+
+@needs_gloo
 def test_torchrun_solver_estimators_split_the_images_and_agree_with_one_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single: None, one_thread: None
 ) -> None:

@@ -305,7 +305,7 @@ def _finetune(
     if opts.overwrite and not opts.resume and runtime.is_main():
         shutil.rmtree(opts.folder / checkpoints.SUBFOLDER, ignore_errors=True)  # the user asked to start over
     device = runtime.local_device(opts.device)
-    runtime.init_distributed(device)
+    joined = runtime.init_distributed(device)
     if opts.precision == "bf16" and device.type != "cuda":
         raise ItdError("--precision bf16 needs a CUDA device; use --precision fp32 on the CPU")
     if opts.batch_size % runtime.world_size():
@@ -367,7 +367,8 @@ def _finetune(
             f"interrupted while drawing metrics.png; the checkpoint of step {state.step} is saved in {opts.folder}: "
             "run the same command with --resume to finish"
         ) from exc
-    runtime.leave()
+    if joined:
+        runtime.leave()
     return FinetuneResult(
         out=str(opts.folder),
         steps=state.step,

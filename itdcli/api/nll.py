@@ -314,7 +314,7 @@ def _nll(
         channels_last=runtime.channels_last(opts.channels_last, device),
         fixed_shape=opts.compile,
     )
-    runtime.init_distributed(device)
+    joined = runtime.init_distributed(device)  # False inside a finetune, whose group outlives this evaluation
     runtime.barrier()  # every rank has checked its inputs and --out before rank 0 can write
     net = runtime.prepare_model(denoiser, device, plan.channels_last, opts.compile)
     target = opts.target_stderr or (None if opts.points else DEFAULT_TARGET_STDERR)
@@ -404,7 +404,8 @@ def _nll(
     )
     if opts.save:
         _save(result, opts.out, dataset.name)
-    runtime.leave()
+    if joined:
+        runtime.leave()
     return result
 
 
