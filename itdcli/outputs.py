@@ -187,17 +187,26 @@ def publish_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole through a temporary sibling and a rename, so a kill leaves the old file or the new one.
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; on success it is renamed onto `path`, on failure removed.
 
-    The temporary is named with `temp_prefix`, so `clear_stale` removes one a killed writer left.
+    A kill leaves the old file or the new one. The temporary keeps `path`'s suffix (writers that pick a format
+    by it, such as matplotlib, see the real one) and is named with `temp_prefix`, so `clear_stale` removes one a
+    killed writer left.
     """
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        publish_mode(Path(tmp))
+        yield tmp
+        publish_mode(tmp)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` as `path` whole, through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,15 +98,8 @@ def _draw(
     hi = max(r.proposal.logsnr_max for r in results)
     series += plot.reference_series(results[0].arrays["eigvals"], lo, hi)
     title = ", ".join(sorted({r.data.name for r in results}))
-    fd, tmp = tempfile.mkstemp(prefix=outputs.temp_prefix(out), suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        plot.draw(series, f"ε-MSE curves on {title}", Path(tmp), shade)
-        outputs.publish_mode(Path(tmp))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with outputs.atomic_file(out) as tmp:
+        plot.draw(series, f"ε-MSE curves on {title}", tmp, shade)
     return CurveResult(
         path=str(out), runs=[r.run_dir or "<unsaved>" for r in results], series=[s.label for s in series]
     )

@@ -179,12 +179,9 @@ def store_reference(key: str, ref: GaussianReference) -> None:
     from safetensors.torch import save_file
 
     folder = itd_home() / "cache" / "spectra"
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    try:
+    # a full disk raises safetensors' own error type, not OSError; the cache is optional
+    with contextlib.suppress(Exception):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"mean": ref.mean, "eigvecs": ref.eigvecs.contiguous(), "eigvals": ref.eigvals}
-        save_file({k: v.to(torch.float64).cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / f"{key}.safetensors")
-    except Exception:  # a full disk raises safetensors' own error type, not OSError; the cache is optional
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with outputs.atomic_file(folder / f"{key}.safetensors") as tmp:
+            save_file({k: v.to(torch.float64).cpu() for k, v in tensors.items()}, str(tmp))
