@@ -450,9 +450,7 @@ def _range_warnings(tails: dict[str, TailInfo], scores: Any, dim: int, inp: unit
     for name, missing in scores.missing.items():
         allowed = 0.5 * bits_per_dim(scores.estimates[name].stderr, dim)
         if missing > allowed:
-            # the extrapolation decays as e^{−(γ − γ_R)/2} (scoring._missing_above): this end leaves `allowed`
-            gain = 2 * math.log(missing / allowed) if allowed > 0 else 8.0  # an exact estimate: e^{−4} of it
-            end = _outward(inp.logsnr_max + gain, "right")
+            end = _outward(scoring.end_above(inp.logsnr_max, missing, allowed), "right")
             out.append(
                 f"{name}: about {missing:.4f} bpd may lie above the top of the logSNR range (the model still beats "
                 f"the identity decoder there): give --logsnr-max {end:.2f} or more"

@@ -23,6 +23,7 @@ SELECT_BINS = 32
 MIN_SELECT_BINS = 16
 CURVE_KNOTS = 24  # intervals of the crossfit mean curve subtracted from each integrand
 CURVE_CELLS = 50  # training cells per interval at least
+MISSING_SCALE = 2.0  # e^{−(γ − γ_R)/2}: the slowest decay above γ_R of a bounded density's advantage (jumps)
 MIN_CURVE_KNOTS = 8  # fewer intervals follow the curve too coarsely: they raised the variance (4) or barely lowered it
 
 
@@ -252,8 +253,8 @@ def _missing_above(err: Tensor, logsnr: Tensor, proposal: Proposal, dim: int) ->
     """Mass the identity decoder above γ_R may give away, ½∫_{γ_R}^∞ (d − m) dγ, in nats per image.
 
     The model's advantage over the identity near the top, ½(d − m) less two standard errors in the cells within
-    EDGE_WINDOW of γ_R, is extrapolated with the slowest decay a bounded density shows, e^{−(γ − γ_R)/2} (the
-    factor 2): a density with a jump, such as uniform dequantization of isolated levels, decays that slowly.
+    EDGE_WINDOW of γ_R, is extrapolated with the slowest decay a bounded density shows, e^{−(γ − γ_R)/2}
+    (MISSING_SCALE): a density with a jump, such as uniform dequantization of isolated levels, decays that slowly.
     Zero when the model is no better than the identity there.
     """
     reach = EDGE_WINDOW * (proposal.logsnr_max - proposal.logsnr_min)
@@ -261,4 +262,13 @@ def _missing_above(err: Tensor, logsnr: Tensor, proposal: Proposal, dim: int) ->
     if advantage.numel() < 3:
         return 0.0
     mean, se = float(advantage.mean()), float(advantage.std()) / math.sqrt(advantage.numel())
-    return max(0.0, 2 * (mean - 2 * se))
+    return max(0.0, MISSING_SCALE * (mean - 2 * se))
+
+
+def end_above(logsnr_max: float, missing: float, allowed: float) -> float:
+    """The top of the range that leaves `allowed` of the `missing` mass above it, under `_missing_above`'s decay.
+
+    ∫_{γ′}^∞ of e^{−(γ − γ_R)/s} is e^{−(γ′ − γ_R)/s} of that from γ_R, so γ′ = γ_R + s·log(missing/allowed);
+    an exact estimate (allowed = 0) gets s·4, which leaves e^{−4} of it.
+    """
+    return logsnr_max + MISSING_SCALE * (math.log(missing / allowed) if allowed > 0 else 4.0)
