@@ -153,18 +153,7 @@ def ensemble(
     from itdcli.evaluation.units import Inputs
 
     with records.claimed_out(out, overwrite) as out:  # held until the ensemble is written
-        if select_on is not None and select_fraction is not None:
-            raise ItdError("give either --select-on or --select-fraction, not both")
-        if select_fraction is not None and not 0 < select_fraction < 1:
-            raise ItdError(f"--select-fraction must lie strictly between 0 and 1, got {select_fraction}")
-        if not models and not runs:
-            raise ItdError(
-                "give at least one --model or saved run to combine (add --model gaussian for the N(μ,Σ) reference)"
-            )
-        if select_on is not None and runs:
-            raise ItdError(
-                "--select-on re-evaluates the members on other data: give them as --model, not as saved --run"
-            )
+        _check_members(models, runs, select_on, select_fraction)
         # members must share every logSNR point: a fixed budget and the base proposal (no per-model pilot)
         member_opts = {**options, "save": False, "adapt": False, "points": options.get("points") or ENSEMBLE_POINTS}
         results = [records.read_run(Path(r)) for r in runs]
@@ -177,20 +166,12 @@ def ensemble(
         ref = resolve_reference(reference, dataset).ref
         p = first.proposal
         proposal = Proposal(p.kind, p.loc, p.scale, p.logsnr_min, p.logsnr_max, tuple(p.edges), tuple(p.mass))  # type: ignore[arg-type]
-        rows = torch.arange(curves.logsnr.shape[0])
-        means = None
+        selection_curves = None
         if select_on is not None:
-            sel = [nll(select_on, m, reference=reference, **member_opts) for m in models]
-            sel_curves, _ = _merged(sel, labels)
-            means = _select_means(sel_curves, torch.arange(sel_curves.logsnr.shape[0]))
-            mode = f"select-on {select_on}"
-        elif select_fraction is not None:
-            perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(first.seed + 2))
-            cut = max(1, round(select_fraction * len(rows)))
-            means, rows = _select_means(curves, perm[:cut]), perm[cut:].sort().values
-            mode = f"held-out fraction {select_fraction}"
-        else:
-            mode = "crossfit (two folds: each half is scored with the choice made on the other half)"
+            selection_curves, _ = _merged(
+                [nll(select_on, m, reference=reference, **member_opts) for m in models], labels
+            )
+        means, rows, mode = _selection(curves, selection_curves, select_on, select_fraction, first.seed)
         scored = _restrict(curves, rows)
         codes = dataset.x[scored.index] if dataset.levels else None
         inp = Inputs(ref, dataset.values(scored.index), codes, dataset.levels, p.logsnr_min, p.logsnr_max)
@@ -211,6 +192,40 @@ def ensemble(
         if save:
             _write(result, results, labels, out or records.new_run_dir("ensemble", first.data.name))
         return result
+
+
+def _check_members(
+    models: Sequence[Any], runs: Sequence[str | Path], select_on: Any, select_fraction: float | None
+) -> None:
+    """Refuse, in one line each, member and selection options that cannot go together."""
+    if select_on is not None and select_fraction is not None:
+        raise ItdError("give either --select-on or --select-fraction, not both")
+    if select_fraction is not None and not 0 < select_fraction < 1:
+        raise ItdError(f"--select-fraction must lie strictly between 0 and 1, got {select_fraction}")
+    if not models and not runs:
+        raise ItdError(
+            "give at least one --model or saved run to combine (add --model gaussian for the N(μ,Σ) reference)"
+        )
+    if select_on is not None and runs:
+        raise ItdError("--select-on re-evaluates the members on other data: give them as --model, not as saved --run")
+
+
+def _selection(
+    curves: Any, selection_curves: Any, select_on: Any, select_fraction: float | None, seed: int
+) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, str]:
+    """Where the per-logSNR choice is made: other data, a held-out share of the images, or crossfit.
+
+    Returns the choice's mean errors (None for crossfit, which makes its own), the rows to score and the mode.
+    """
+    rows = torch.arange(curves.logsnr.shape[0])
+    if selection_curves is not None:
+        every = torch.arange(selection_curves.logsnr.shape[0])
+        return _select_means(selection_curves, every), rows, f"select-on {select_on}"
+    if select_fraction is not None:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 2))
+        cut = max(1, round(select_fraction * len(rows)))
+        return _select_means(curves, perm[:cut]), perm[cut:].sort().values, f"held-out fraction {select_fraction}"
+    return None, rows, "crossfit (two folds: each half is scored with the choice made on the other half)"
 
 
 def _chosen(curves: Any, scores: Any) -> dict[str, torch.Tensor]:
