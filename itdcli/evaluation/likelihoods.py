@@ -67,6 +67,11 @@ class Solved:
     arrays: dict[str, Tensor] = field(default_factory=dict)
 
 
+def _mean_se_bpd(variance: Tensor, dim: int) -> float:
+    """The standard error of the dataset mean, in bits/dim, from per-image variances in nats²: √Σvar / N."""
+    return float(variance.sum().sqrt()) / (len(variance) * dim * math.log(2))
+
+
 def _nats(bpd: Tensor, dim: int) -> Tensor:
     """Bits per dimension to nats per image."""
     return bpd * dim * math.log(2)
@@ -197,10 +202,9 @@ def _rounds(
         k = torch.tensor(counts, dtype=F64)
         mean = sum(c * s for c, s in zip(counts, sums, strict=True)) / k.sum()
         variance = sum(c**2 * v for c, v in zip(counts, variances, strict=True)) / k.sum() ** 2
-        unit = n * dim * math.log(2)  # nats summed over images per bpd of the mean
-        se = float((variance + decoder_var).sum().sqrt()) / unit
+        se = _mean_se_bpd(variance + decoder_var, dim)
         done = int(k.sum())
-        room = (target * unit) ** 2 - float(decoder_var.sum()) if target is not None else 0.0
+        room = (target * n * dim * math.log(2)) ** 2 - float(decoder_var.sum()) if target is not None else 0.0
         if target is None or se <= target or done >= cap or room <= 0:  # room ≤ 0: the decoder alone misses it
             return mean, variance, done
         wanted = math.ceil(done * (float(variance.sum()) / room - 1))
@@ -223,7 +227,7 @@ def vlb(inp: SolverInputs) -> Solved:
         pilot = steps.evals
         rest, rest_var, drawn = _rounds(steps, proposal, inp.target, dim, first_var)
         details.update(method="stratified steps, importance weights from a pilot", steps_per_image=drawn)
-        decoder_se = float(first_var.sum().sqrt()) / (n * dim * math.log(2))
+        decoder_se = _mean_se_bpd(first_var, dim)
         if inp.target is not None and decoder_se > inp.target:
             details["warning"] = (
                 f"the decoder term's two draws alone have a standard error of {decoder_se:.4f} bpd, above the target "
