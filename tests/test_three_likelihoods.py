@@ -5,6 +5,7 @@ variational bound's expectation from a numpy transcription of Ho et al. (2020) w
 in closed form, the entropy of a discrete law, the schedules from diffusers or improved-diffusion's formula.
 """
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -571,3 +572,40 @@ def test_an_ode_that_runs_out_of_steps_is_one_line_naming_the_options_that_chang
     code, out, err = run([*base, "--ode-max-steps", "200", "--json", "--out", str(tmp_path / "more")], capsys)
     assert code == 0, err
     assert math.isfinite(json.loads(out)["estimates"]["ode"]["bpd"])
+
+
+class StageRecorder:
+    """A progress callback that records its stages and every (stage, done, total) update."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, str]] = []
+        self.updates: list[tuple[int, int, int]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.updates.append((len(self.stages), done, total))
+
+    def stage(self, label: str, unit: str) -> None:
+        self.stages.append((label, unit))
+
+
+def test_the_solvers_show_progress_in_their_own_units_up_to_the_cost_they_report() -> None:
+    """`--estimator all`: the points bar, then one stage per solver; each ends at done = total = its own count."""
+    abar = _linear_abar(100)
+    codes = _codes(24)
+    progress = StageRecorder()
+    model = Shrink(DiscreteTime(torch.tensor(abar), "fixed_small", "test schedule"))
+    r = nll(
+        codes, model, levels=VLB_LEVELS, estimator="all", vlb_full=True, points=8, device="cpu", save=False,
+        progress=progress,
+    )  # fmt: skip
+    assert progress.stages == [("vlb", "evaluations"), ("ode", "images")]
+    expected_totals = {1: 102 * len(codes), 2: 2 * len(codes)}  # every step, its unpaired last step, the decoder twice
+    for stage in (0, 1, 2):
+        seen = [(done, total) for s, done, total in progress.updates if s == stage]
+        assert seen, f"stage {stage} showed no progress"
+        assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen)), seen
+        assert all(done <= total for done, total in seen), seen
+        assert seen[-1][0] == seen[-1][1], seen[-1]
+        if stage:  # the solvers know their whole cost (the full loop, the images) from their first update
+            assert {total for _, total in seen} == {expected_totals[stage]}, (stage, seen[:3], seen[-1])
+    assert r.solvers["vlb"].evals_per_image * len(codes) == expected_totals[1]

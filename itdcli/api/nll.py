@@ -7,9 +7,9 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -182,6 +182,17 @@ def _estimate_result(e: est.Estimate, dim: int) -> EstimateResult:
     )
 
 
+@runtime_checkable
+class StagedProgress(Protocol):
+    """A `progress(done, total)` that can also be told a solver's stage begins, counted in its own unit."""
+
+    def __call__(self, done: int, total: int) -> None:
+        """`done` of `total` in the current stage's unit."""
+
+    def stage(self, label: str, unit: str) -> None:
+        """The next stage begins (the solver `label`, counting `unit`)."""
+
+
 def _solve(
     names: list[str],
     net: Any,
@@ -192,6 +203,7 @@ def _solve(
     plan: Any,
     opts: NllOptions,
     target: float | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The solver estimators (variational bound, probability-flow ODE) on the same images and range.
 
@@ -219,7 +231,12 @@ def _solve(
         opts.atol,
         opts.ode_max_steps,
     )
-    solved = {name: units.SOLVERS[name].run(inp) for name in names}
+    solved = {}
+    for name in names:
+        solver = units.SOLVERS[name]
+        if isinstance(progress, StagedProgress):
+            progress.stage(name, solver.unit)
+        solved[name] = solver.run(replace(inp, progress=progress if runtime.is_main() else None))
     if len(local) != len(index):
         for done in solved.values():
             e, n = done.estimate, len(index)
@@ -345,7 +362,8 @@ def _nll(
     plan = plans.get("main", plans.get("deq", plan))
     proposal = plan.proposal
     tails = _tails(integrals, run.inputs(plan), tail_limit(opts, dataset.dim)) if integrals else {}
-    solved = _solve([n for n in names if n in units.SOLVERS], net, dataset, index, device, ref, plan, opts, target)
+    solvers = [n for n in names if n in units.SOLVERS]
+    solved = _solve(solvers, net, dataset, index, device, ref, plan, opts, target, progress)
     for name, done in solved.items():
         scores.estimates[name] = done.estimate
     reported = list(scores.estimates)

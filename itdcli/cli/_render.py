@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -25,39 +25,51 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 
-@contextlib.contextmanager
-def lazy_progress(label: str, columns: tuple[ProgressColumn, ...], rate: bool) -> Iterator[Callable[[int, int], None]]:
+class Bar:
     """A transient rich bar on stderr started at the first update (so early errors print no bar), redrawn ≤ 10/s.
 
-    Yields update(done, total); total 0 means unknown. With `rate`, the task's `rate` field shows items/s.
+    Called as update(done, total); total 0 means unknown. `stage(label, unit)` starts the bar over for the
+    next stage of a run (the ODE after the I-MMSE points), with its own units and rate.
     """
-    bar = Progress(*columns, console=err_console, transient=True, auto_refresh=False)
-    task = bar.add_task(label, total=None, rate="-")
-    last = 0.0
 
-    def update(done: int, total: int) -> None:
-        nonlocal last
-        if not bar.live.is_started:
-            bar.start()
-        speed = bar.tasks[0].speed if rate else None
-        bar.update(task, completed=done, total=total or None, rate=f"{speed:,.0f}" if speed else "-")
-        if time.monotonic() - last > 0.1 or done == total:
-            bar.refresh()
-            last = time.monotonic()
+    def __init__(self, label: str, columns: tuple[ProgressColumn, ...], rate: bool, unit: str) -> None:
+        """An unstarted bar."""
+        self.bar = Progress(*columns, console=err_console, transient=True, auto_refresh=False)
+        self.task = self.bar.add_task(label, total=None, rate="-", unit=unit)
+        self.rate, self.last = rate, 0.0
 
+    def __call__(self, done: int, total: int) -> None:
+        """Show `done` of `total`, with the rate when the bar has one."""
+        if not self.bar.live.is_started:
+            self.bar.start()
+        speed = self.bar.tasks[0].speed if self.rate else None
+        self.bar.update(self.task, completed=done, total=total or None, rate=f"{speed:,.0f}" if speed else "-")
+        if time.monotonic() - self.last > 0.1 or done == total:
+            self.bar.refresh()
+            self.last = time.monotonic()
+
+    def stage(self, label: str, unit: str) -> None:
+        """Start over for the next stage, counted in `unit`."""
+        self.bar.reset(self.task, total=None, completed=0, description=label, rate="-", unit=unit)
+
+
+@contextlib.contextmanager
+def lazy_progress(label: str, columns: tuple[ProgressColumn, ...], rate: bool, unit: str = "points") -> Iterator[Bar]:
+    """A `Bar` for the duration of a command, stopped (and erased) at the end."""
+    bar = Bar(label, columns, rate, unit)
     try:
-        yield update
+        yield bar
     finally:
-        bar.stop()
+        bar.bar.stop()
 
 
-def progress_bar(label: str) -> contextlib.AbstractContextManager[Callable[[int, int], None]]:
-    """The points bar of nll, curve and ensemble: points/s and ETA."""
+def progress_bar(label: str) -> contextlib.AbstractContextManager[Bar]:
+    """The bar of nll, curve and ensemble: points (or a solver's own units) per second and ETA."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} points/s"),
+        TextColumn("{task.fields[rate]} {task.fields[unit]}/s"),
         TimeRemainingColumn(),
     )
     return lazy_progress(label, columns, rate=True)

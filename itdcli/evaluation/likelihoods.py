@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ class SolverInputs:
     rtol: float = 1e-5
     atol: float = 1e-5
     ode_max_steps: int = 10_000  # accepted solver steps per batch of images before the ODE gives up
+    progress: Callable[[int, int], None] | None = None  # (done, total) in the solver's unit, on the main rank
 
 
 @dataclass
@@ -89,7 +91,11 @@ class _Steps:
             raise ItdError("the variational bound needs integer data (its decoder is discrete): use --estimator ode")
         self.levels = inp.dataset.levels
         self.x0 = inp.dataset.values(inp.index).to(F64)
-        self.evals = 0
+        self.evals = self.planned = 0
+
+    def plan(self, evals: int) -> None:
+        """Count `evals` more network evaluations into the progress total (a phase about to run)."""
+        self.planned += evals
 
     def terms(self, rows: Tensor, t: Tensor, stream: int) -> Tensor:
         """L_t for image rows (M,) of the scored set at steps t (M,), one noise draw each, seeded per image."""
@@ -111,6 +117,8 @@ class _Steps:
         with torch.inference_mode():
             eps, v = base.outputs(self.inp.net, x_t.to(device, torch.float32), s.logsnr[t].to(device))
         self.evals += len(t)
+        if self.inp.progress is not None:
+            self.inp.progress(self.evals, max(self.planned, self.evals))
         eps64 = eps.to("cpu", F64)
         if self.time.variance == "learned_range" and v is None:
             raise ItdError("the model declares a learned variance but returned no variance channels")
@@ -121,6 +129,22 @@ class _Steps:
     def prior(self) -> Tensor:
         """L_T per image, in nats."""
         return _nats(bound.prior_bpd(self.schedule, self.x0), self.x0[0].numel())
+
+
+def full_evals(steps: int) -> int:
+    """Network evaluations per image of the full loop: the decoder twice, every step once, an unpaired last again."""
+    return 2 + (steps - 1) + (steps - 1) % 2
+
+
+def _pilot_grid(steps: int) -> Tensor:
+    """The pilot's evenly spaced timesteps in 1..T−1."""
+    grid: Tensor = torch.unique(torch.linspace(1, steps - 1, min(PILOT_GRID, steps - 1)).round().long())
+    return grid
+
+
+def pilot_evals(steps: _Steps, n: int) -> int:
+    """Network evaluations of the stratified bound's pilot (all images together)."""
+    return min(PILOT_IMAGES, n) * len(_pilot_grid(steps.schedule.steps))
 
 
 def _decoder(steps: _Steps, n: int) -> tuple[Tensor, Tensor]:
@@ -153,7 +177,7 @@ def _proposal(steps: _Steps, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]
     Returns the proposal (T − 1,), the grid and its mean terms (for the curve of per-step terms).
     """
     T = steps.schedule.steps
-    grid = torch.unique(torch.linspace(1, T - 1, min(PILOT_GRID, T - 1)).round().long())
+    grid = _pilot_grid(T)
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 5))[: min(PILOT_IMAGES, n)]
     rows = pick.repeat_interleave(len(grid))
     terms = steps.terms(rows, grid.repeat(len(pick)), VLB_STREAM + 2).reshape(len(pick), len(grid))
@@ -178,6 +202,7 @@ def _stratified_round(steps: _Steps, proposal: Tensor, count: int, stream: int) 
     ]
     draw = bound.TimestepDraw(torch.cat([d.indices for d in draws]), torch.cat([d.weights for d in draws]))
     rows = torch.arange(n).repeat_interleave(count)
+    steps.plan(len(rows))
     terms = steps.terms(rows, draw.indices.reshape(-1) + 1, stream).reshape(n, count)
     total, se = bound.stratified_estimate(draw, terms)
     return total, se**2
@@ -216,10 +241,12 @@ def vlb(inp: SolverInputs) -> Solved:
     start = time.perf_counter()
     steps = _Steps(inp)
     n, dim = len(inp.index), inp.dataset.dim
+    full = inp.vlb_full or steps.schedule.steps <= FIRST_STEPS + 1
+    steps.plan(n * (full_evals(steps.schedule.steps) if full else 2) + (0 if full else pilot_evals(steps, n)))
     first, first_var = _decoder(steps, n)
     details: dict[str, str | float | int] = {"schedule": steps.time.source, "steps": steps.schedule.steps}
     arrays: dict[str, Tensor] = {}
-    if inp.vlb_full or steps.schedule.steps <= FIRST_STEPS + 1:
+    if full:
         rest, rest_var = _full(steps, n)
         details["method"] = "full loop: every step once (improved-diffusion's calc_bpd_loop)"
     else:
@@ -315,6 +342,8 @@ def ode(inp: SolverInputs) -> Solved:
             values[rows, d] = -solved.log_density.to("cpu", F64) + (dim * math.log(1 / delta) if levels else 0.0)
             probe_var[rows, d] = solved.probe_se.to("cpu", F64) ** 2
             nfe += solved.nfe * len(rows)
+            if inp.progress is not None:
+                inp.progress(d * n + int(rows[-1]) + 1, draws * n)
     spread = values.var(1) / draws if draws > 1 else probe_var[:, 0]
     details: dict[str, str | float | int] = {
         "solver": f"torchdiffeq dopri5, rtol {inp.rtol:g}, atol {inp.atol:g}",

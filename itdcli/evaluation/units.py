@@ -218,10 +218,12 @@ class Solver:
     name: str
     discrete_only: bool
     run: Callable[[likelihoods.SolverInputs], likelihoods.Solved]
+    unit: str  # what its progress counts
 
 
 SOLVERS: dict[str, Solver] = {
-    s.name: s for s in (Solver("vlb", True, likelihoods.vlb), Solver("ode", False, likelihoods.ode))
+    s.name: s
+    for s in (Solver("vlb", True, likelihoods.vlb, "evaluations"), Solver("ode", False, likelihoods.ode, "images"))
 }
 
 
