@@ -131,7 +131,7 @@ class _Steps:
         return _nats(bound.prior_bpd(self.schedule, self.x0), self.x0[0].numel())
 
 
-def full_evals(steps: int) -> int:
+def _full_evals(steps: int) -> int:
     """Network evaluations per image of the full loop: the decoder twice, every step once, an unpaired last again."""
     return 2 + (steps - 1) + (steps - 1) % 2
 
@@ -142,9 +142,9 @@ def _pilot_grid(steps: int) -> Tensor:
     return grid
 
 
-def pilot_evals(steps: _Steps, n: int) -> int:
+def _pilot_evals(steps: int, n: int) -> int:
     """Network evaluations of the stratified bound's pilot (all images together)."""
-    return min(PILOT_IMAGES, n) * len(_pilot_grid(steps.schedule.steps))
+    return min(PILOT_IMAGES, n) * len(_pilot_grid(steps))
 
 
 def _decoder(steps: _Steps, n: int) -> tuple[Tensor, Tensor]:
@@ -242,7 +242,8 @@ def vlb(inp: SolverInputs) -> Solved:
     steps = _Steps(inp)
     n, dim = len(inp.index), inp.dataset.dim
     full = inp.vlb_full or steps.schedule.steps <= FIRST_STEPS + 1
-    steps.plan(n * (full_evals(steps.schedule.steps) if full else 2) + (0 if full else pilot_evals(steps, n)))
+    T = steps.schedule.steps
+    steps.plan(n * _full_evals(T) if full else 2 * n + _pilot_evals(T, n))  # the rounds add their own as planned
     first, first_var = _decoder(steps, n)
     details: dict[str, str | float | int] = {"schedule": steps.time.source, "steps": steps.schedule.steps}
     arrays: dict[str, Tensor] = {}
