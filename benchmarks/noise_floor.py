@@ -30,6 +30,7 @@ from itdcli.api.options import NllOptions
 from itdcli.core import estimators as est
 from itdcli.core.proposal import Proposal
 from itdcli.evaluation import engine, units
+from itdcli.evaluation.cellerrors import CellErrors
 from itdcli.models.base import Denoiser
 
 F64 = torch.float64
@@ -42,7 +43,7 @@ ESTIMATORS = ("continuous", "discrete", "dequantized")
 
 def cell_errors(
     model: Denoiser, data: itdcli.Dataset, ref: itdcli.GaussianReference, gamma: float, draws: int, seed: int
-) -> dict[str, torch.Tensor]:
+) -> CellErrors:
     """Every candidate error and control variate of itd's engine, (N, D) each, at one logSNR.
 
     The engine is run with a proposal of zero width at γ, so its D points per image are D independent noise
@@ -89,12 +90,14 @@ def main() -> None:
         mg = float(ref.mmse(torch.tensor(gamma, dtype=F64)))
         for kind in ESTIMATORS:
             unit = units.UNITS[kind]
-            best = min(unit.candidates, key=lambda c: float(cells[c].mean()))  # the model's own projections only
-            raw = integrand(unit, cells[best], gamma, mg) * bpd
+            own = [e for k in unit.candidates if (e := cells.members[""].get(k)) is not None]
+            best = min(own, key=lambda e: float(e.mean()))  # the model's own projections only
+            raw = integrand(unit, best, gamma, mg) * bpd
             mean[kind][i], second[kind][i] = raw.mean(1), (raw**2).mean(1)
-            cvs = torch.stack([cells[c] for c in unit.controls])
-            bins = torch.zeros_like(cells[best], dtype=torch.long)
-            fitted = est.control_variate(cells[best], cvs, torch.ones_like(cells[best]), bins, folds)
+            cvs = cells.controls(unit.controls)
+            assert cvs is not None, "the engine recorded no control variates"
+            bins = torch.zeros_like(best, dtype=torch.long)
+            fitted = est.control_variate(best, cvs, torch.ones_like(best), bins, folds)
             noise[kind][i] = (integrand(unit, fitted, gamma, mg) * bpd).var(1).mean().sqrt()
     density = proposal.density(mid)
     rows = {}

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from itdcli.core.gaussian import mmse_gaussian
+from itdcli.evaluation.cellerrors import Projection
 
-CURVE_KINDS = {"model": "", "round": " (rounded)", "deq": " (dequantized)"}
+CURVE_KINDS: dict[Projection, str] = {"model": "", "round": " (rounded)", "deq": " (dequantized)"}
 CLAMPED = " (clamped to [−1, 1])"
 
 
@@ -34,10 +35,11 @@ def run_series(label: str, arrays: dict[str, Tensor], dim: int, discrete: bool) 
     series = vlb_series(label, arrays, dim)
     for kind in CURVE_KINDS:
         for c in passes:
-            if kind in c.errors:
+            err = c.errors.members[""].get(kind)
+            if err is not None:
                 x = c.logsnr.mean(0)
                 order = x.argsort()
-                series.append(Series(label + suffixes[kind], x[order], c.errors[kind].mean(0)[order] / dim))
+                series.append(Series(label + suffixes[kind], x[order], err.mean(0)[order] / dim))
     return series
 
 

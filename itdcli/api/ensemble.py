@@ -22,7 +22,6 @@ from itdcli.errors import ItdError
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_POINTS = 100
-KINDS = {"continuous": ("model",), "discrete": ("round", "model"), "dequantized": ("deq",)}
 
 
 class Interval(BaseModel):
@@ -81,37 +80,27 @@ def _labels(results: Sequence[NllResult]) -> list[str]:
     return names
 
 
-def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, dict[str, tuple[str, ...]]]:
-    """One set of curves holding every member's errors and the Gaussian's, with candidates per estimator."""
-    from itdcli.evaluation import units
+def _merged(results: Sequence[NllResult], labels: Sequence[str]) -> tuple[Any, dict[str, tuple[Any, ...]]]:
+    """One set of curves holding every member's errors and the Gaussian's, with candidates per estimator family."""
+    from dataclasses import replace
+
+    from itdcli.evaluation import cellerrors, units
     from itdcli.evaluation.engine import Curves
 
-    first = Curves.from_arrays(results[0].arrays)
-    # the same for every member: same images, points and noise
-    member_kinds = {k for kinds in KINDS.values() for k in kinds}  # each member's own errors; the rest are shared
-    shared = {*units.PASS_ERRORS["main"], *units.PASS_ERRORS["deq"]} - member_kinds
-    errors = {k: v for k, v in first.errors.items() if k in shared}
-    for label, r in zip(labels, results, strict=True):
-        own = Curves.from_arrays(r.arrays).errors
-        errors.update({f"{label}/{k}": own[k] for k in member_kinds if k in own})
+    each = [Curves.from_arrays(r.arrays) for r in results]  # the same images, points and noise for every member
+    errors = cellerrors.merged({label: c.errors for label, c in zip(labels, each, strict=True)})
     candidates = {
-        kind: tuple(f"{lab}/{k}" for lab in labels for k in kinds if f"{lab}/{k}" in errors)
-        for kind, kinds in KINDS.items()
+        u.family: tuple(
+            c for lab in labels for k in u.candidates if errors.error(c := cellerrors.Candidate(k, lab)) is not None
+        )
+        for u in units.UNITS.values()
     }
-    return Curves(first.index, first.logsnr, first.weight, errors, first.groups), candidates
+    return replace(each[0], errors=errors), candidates
 
 
-def _select_means(curves: Any, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean error per point column of every candidate over the selection images `rows`."""
-    return {name: err[rows].mean(0) for name, err in curves.errors.items()}
-
-
-def _restrict(curves: Any, rows: torch.Tensor) -> Any:
-    """The curves of the images `rows` only."""
-    from itdcli.evaluation.engine import Curves
-
-    errors = {k: v[rows] for k, v in curves.errors.items()}
-    return Curves(curves.index[rows], curves.logsnr[rows], curves.weight[rows], errors, curves.groups)
+def _select_means(curves: Any, rows: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Mean error per point column of every recorded candidate over the selection images `rows`."""
+    return {c: e[rows].mean(0) for c, e in curves.errors.candidates()}
 
 
 def _winners(curves: Any, proposal: Any, scores: Any) -> dict[str, list[Interval]]:
@@ -120,7 +109,7 @@ def _winners(curves: Any, proposal: Any, scores: Any) -> dict[str, list[Interval
 
     table: dict[str, list[Interval]] = {}
     for family, choice in scores.choice.items():
-        members = [name.split("/")[0] for name in scores.candidates[family]]  # "digits/round" is member digits
+        members = [c.member for c in scores.candidates[family]]
         table[family] = [
             Interval(logsnr_from=lo, logsnr_to=hi, member=member)
             for lo, hi, member in winners(curves, proposal, choice, members)
@@ -172,7 +161,7 @@ def ensemble(
                 [nll(select_on, m, reference=reference, **member_opts) for m in models], labels
             )
         means, rows, mode = _selection(curves, selection_curves, select_on, select_fraction, first.seed)
-        scored = _restrict(curves, rows)
+        scored = curves.rows(rows)
         codes = dataset.x[scored.index] if dataset.levels else None
         inp = Inputs(ref, dataset.values(scored.index), codes, dataset.levels, p.logsnr_min, p.logsnr_max)
         names = list(first.estimates)
@@ -212,7 +201,7 @@ def _check_members(
 
 def _selection(
     curves: Any, selection_curves: Any, select_on: Any, select_fraction: float | None, seed: int
-) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, str]:
+) -> tuple[dict[Any, torch.Tensor] | None, torch.Tensor, str]:
     """Where the per-logSNR choice is made: other data, a held-out share of the images, or crossfit.
 
     Returns the choice's mean errors (None for crossfit, which makes its own), the rows to score and the mode.
@@ -231,11 +220,11 @@ def _selection(
 def _chosen(curves: Any, scores: Any) -> dict[str, torch.Tensor]:
     """The chosen candidate's error in every scored cell, per estimator, plus the cells' logSNR."""
     from itdcli.core import estimators as est
+    from itdcli.evaluation.scoring import candidate_errors
 
     out = {"logsnr": curves.logsnr}
     for kind, choice in scores.choice.items():
-        stack = torch.stack([curves.errors[n] for n in scores.candidates[kind]])
-        out[kind] = est.chosen(stack, choice)
+        out[kind] = est.chosen(candidate_errors(curves, scores.candidates[kind]), choice)
     return out
 
 

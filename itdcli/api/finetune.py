@@ -250,7 +250,10 @@ def _evaluator(opts: FinetuneOptions, setup: Any, state: Any, log: Callable[[dic
         from itdcli.evaluation.engine import Curves
 
         c = Curves.from_arrays(result.arrays)
-        gap = c.weight * (c.errors["model"] - setup.ref.mmse(c.logsnr))
+        model = c.errors.members[""].model
+        if model is None:
+            raise ItdError("the evaluation recorded no model errors: evaluate with a continuous or discrete estimator")
+        gap = c.weight * (model - setup.ref.mmse(c.logsnr))
         dim = math.prod(result.data.shape) * math.log(2)
         latest.clear()
         latest.update({name: e.bpd for name, e in result.estimates.items()})

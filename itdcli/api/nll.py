@@ -262,12 +262,8 @@ def _arrays(
     arrays = {"index": index, "eigvals": ref.eigvals, **({} if main is None else main.to_arrays())}
     deq = curves.get("deq")
     if deq is not None and main is not None and deq is not main:
-        same = torch.equal(deq.logsnr, main.logsnr)
-        arrays.update(
-            deq.subset(tuple(k for k in deq.errors if k not in main.errors or not same)).to_arrays()
-            if same
-            else deq.to_arrays("deq/")
-        )
+        same, recorded = torch.equal(deq.logsnr, main.logsnr), set(main.errors.recorded())
+        arrays.update(deq.subset(lambda k: k not in recorded).to_arrays() if same else deq.to_arrays("deq/"))
     arrays.update({f"choice/{k}": v.to(torch.uint8) for k, v in scores.choice.items()})
     for name, e in scores.estimates.items():
         arrays[f"bpd/{name}"] = e.per_image / (dim * math.log(2))
@@ -388,7 +384,7 @@ def _nll(
         selection=opts.selection,
         rounding=opts.rounding,
         time_map=str(getattr(denoiser, "time_map", opts.time_map)),
-        candidates={k: list(v) for k, v in scores.candidates.items()},
+        candidates={k: [c.key for c in v] for k, v in scores.candidates.items()},
         estimates={n: _estimate_result(scores.estimates[n], dataset.dim) for n in reported},
         bound="paper-clamp" if opts.paper_clamp else "model",
         tails=tails,

@@ -10,7 +10,7 @@ precision policy; errors stay on the device until a group of images is done (no 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from itdcli.core.proposal import Proposal, cdf_points, stratum_groups
 from itdcli.data import Dataset
 from itdcli.data.dataset import level_values
 from itdcli.errors import ItdError
+from itdcli.evaluation.cellerrors import CellErrors, Projection, Projections
 from itdcli.models.base import Denoiser
 
 F64 = torch.float64
@@ -39,7 +40,7 @@ class Plan:
     seed: int
     batch_size: int
     rounding: Rounding = "soft"
-    kinds: frozenset[str] = frozenset({"model"})  # model errors to record: "model" (clamped), "round", "deq"
+    kinds: frozenset[Projection] = frozenset({"model"})  # the model's projections to record
     stream: int = 0
     draws: int = 1
     antithetic: bool = False
@@ -70,42 +71,43 @@ class Curves:
     index: Tensor
     logsnr: Tensor
     weight: Tensor
-    errors: dict[str, Tensor] = field(default_factory=dict)
+    errors: CellErrors = field(default_factory=CellErrors)
     groups: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def to_arrays(self, prefix: str = "") -> dict[str, Tensor]:
-        """The saved form (arrays.safetensors): logsnr, weight, groups and mse/NAME in float32, under `prefix`."""
+        """The saved form (arrays.safetensors): logsnr, weight, groups and the errors' mse/NAME, under `prefix`."""
         arrays = {f"{prefix}logsnr": self.logsnr, f"{prefix}weight": self.weight, f"{prefix}groups": self.groups}
-        arrays.update({f"{prefix}mse/{k}": v.to(torch.float32) for k, v in self.errors.items()})
+        arrays.update(self.errors.to_arrays(prefix))
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Tensor], prefix: str = "") -> Curves:
         """The curves a run saved with `to_arrays` (errors in float64), with the run's image index."""
-        start = f"{prefix}mse/"
-        errors = {k[len(start) :]: v.double() for k, v in arrays.items() if k.startswith(start)}
         return cls(
             arrays["index"],
             arrays[f"{prefix}logsnr"].double(),
             arrays[f"{prefix}weight"].double(),
-            errors,
+            CellErrors.from_arrays(arrays, prefix),
             arrays[f"{prefix}groups"],
         )
 
-    def subset(self, names: tuple[str, ...]) -> Curves:
-        """The same points with only the named errors."""
-        errors = {k: v for k, v in self.errors.items() if k in names}
-        return Curves(self.index, self.logsnr, self.weight, errors, self.groups)
+    def subset(self, keep: Callable[[str], bool]) -> Curves:
+        """The same points with only the error fields whose name `keep` accepts."""
+        return replace(self, errors=self.errors.only(keep))
+
+    def rows(self, rows: Tensor) -> Curves:
+        """The curves of the images `rows` only."""
+        pick = lambda t: t[rows]  # noqa: E731
+        return Curves(self.index[rows], self.logsnr[rows], self.weight[rows], self.errors.map(pick), self.groups)
 
     def extended(self, more: Curves) -> Curves:
         """These points followed by another round's for the same images; the new round's groups come after."""
         shift = int(self.groups.max()) + 1 if self.groups.numel() else 0
-        errors = {k: torch.cat([v, more.errors[k]], 1) for k, v in self.errors.items()}
         return Curves(
             self.index,
             torch.cat([self.logsnr, more.logsnr], 1),
             torch.cat([self.weight, more.weight], 1),
-            errors,
+            CellErrors.cat([self.errors, more.errors], 1),
             torch.cat([self.groups, more.groups + shift]),
         )
 
@@ -119,8 +121,10 @@ def _check_shape(eps_hat: Tensor, z: Tensor) -> None:
         )
 
 
-def _check_finite(err: Tensor, logsnr: Tensor) -> None:
+def _check_finite(err: Tensor | None, logsnr: Tensor) -> None:
     """Fail with a one-line error when a denoiser returned NaN or inf anywhere in a group (one host sync)."""
+    if err is None:
+        return
     bad = ~torch.isfinite(err)
     if bool(bad.any()):
         at = ", ".join(f"{g:.3g}" for g in sorted(set(logsnr[bad.cpu()].tolist()))[:3])
@@ -231,31 +235,36 @@ class _Cells:
         self.deq = torch.cat(deq).reshape(-1, *data.shape)[self.order].to(device) if deq else None
 
 
-def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianReference, plan: Plan) -> dict[str, Tensor]:
+def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianReference, plan: Plan) -> CellErrors:
     """The candidate errors of every cell of a group (clamped or raw, rounded, Gaussian, dequantized)."""
     x, g, eps = cells.x, cells.logsnr, cells.eps
     levels = data.levels
     eta = eps.reshape(len(g), -1).to(F64) @ ref.eigvecs  # the noise in eigen-coordinates, for the control variates
-    out: dict[str, Tensor] = dict(zip(controls.NAMES, _moments(cells, levels).T, strict=True))
+    out = CellErrors(moments=_moments(cells, levels))
     if plan.main:
         resid = runner.residual(x, eps, g, cells.modes)
-        out["gauss"] = ref.mmse_pointwise(cells.y, g)
-        out["cv"] = ref.error_draw(cells.y, eta, g) - out["gauss"]  # mean zero: a control variate (spec §5)
-        out["model"] = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
+        gauss = ref.mmse_pointwise(cells.y, g)
+        model = channel.mse_clamped(resid, x, g) if levels else (resid**2).flatten(1).sum(1)
+        rounded = None
         if "round" in plan.kinds and levels and cells.k is not None:
             rounder = channel.mse_rounded_soft if plan.rounding == "soft" else channel.mse_rounded_hard
-            out["round"] = rounder(resid, cells.k, g, levels)
+            rounded = rounder(resid, cells.k, g, levels)
+        cv = ref.error_draw(cells.y, eta, g) - gauss  # mean zero: a control variate (spec §5)
+        out = replace(out, members={"": Projections(model, rounded)}, gauss=gauss, cv=cv)
     if plan.deq and levels and cells.deq is not None:
         half = 1.0 / (levels - 1)
         x_deq = x + 2 * half * (cells.deq - 0.5)
         resid_deq = runner.residual(x_deq, eps, g, cells.modes)
-        out["deq"] = channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half)
         y_deq = ref.whiten(x_deq)
-        out["gauss_deq"] = ref.mmse_pointwise(y_deq, g)
-        out["cv_deq"] = ref.error_draw(y_deq, eta, g) - out["gauss_deq"]
+        gauss_deq = ref.mmse_pointwise(y_deq, g)
         low, high = _bound_pixels(cells, levels)
-        moments = controls.dequantization_moments(cells.deq, eps, g, 2 * half, low, high)
-        out.update(zip(controls.DEQ_NAMES, moments.T, strict=True))
+        out = replace(
+            out,
+            members={"": replace(out.members[""], deq=channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half))},
+            gauss_deq=gauss_deq,
+            cv_deq=ref.error_draw(y_deq, eta, g) - gauss_deq,
+            deq_moments=controls.dequantization_moments(cells.deq, eps, g, 2 * half, low, high),
+        )
     return out
 
 
@@ -288,7 +297,7 @@ def _gather(part: Curves, index: Tensor, proposal: Proposal) -> Curves:
         return part
     n = len(index)
     g = runtime.gather_shards(part.logsnr, n)
-    errors = {name: runtime.gather_shards(err, n) for name, err in part.errors.items()}
+    errors = part.errors.map(lambda err: runtime.gather_shards(err, n))
     return Curves(runtime.gather_shards(part.index, n), g, proposal.weight(g), errors, part.groups)
 
 
@@ -328,22 +337,30 @@ def _evaluate(
     codes = data.x.to(device)  # the whole dataset on the device, uint8 levels for discrete data
     runner = _Runner(model, plan, device, progress)
     group = max(1, plan.batch_size // (plan.points * plan.noises))
-    chunks: dict[str, list[Tensor]] = {}
+    chunks: list[CellErrors] = []
     logsnr = []
     with torch.inference_mode():  # each forward sets its own format (runtime.network_mode)
         for start in range(0, len(index), group):
             rows = index[start : start + group]
             cells = _Cells(data, codes, rows, plan, ref)
             errors = _errors_for(runner, cells, data, ref, plan)
-            _check_finite(errors["model" if "model" in errors else "deq"], cells.logsnr_host)
-            restore = cells.restore.to(device)
-            for name, err in errors.items():
-                per_point = err[restore].reshape(len(rows), plan.points, plan.noises).mean(2)
-                chunks.setdefault(name, []).append(per_point.to("cpu", F64))
+            own = errors.members[""]
+            _check_finite(own.model if own.model is not None else own.deq, cells.logsnr_host)
+            chunks.append(errors.map(_per_point(cells.restore.to(device), len(rows), plan)))
             logsnr.append(cells.logsnr_host[cells.restore].reshape(len(rows), plan.points, plan.noises)[..., 0])
     g = torch.cat(logsnr)
-    errors = {name: torch.cat(parts) for name, parts in chunks.items()}
+    errors = CellErrors.cat(chunks, 0)
     return Curves(index, g, plan.proposal.weight(g), errors, stratum_groups(plan.points, plan.scheme))
+
+
+def _per_point(restore: Tensor, images: int, plan: Plan) -> Callable[[Tensor], Tensor]:
+    """Cells back in image order with the draws at one point averaged: (cells, ...) to (images, J, ...), on the host."""
+
+    def average(err: Tensor) -> Tensor:
+        per_cell = err[restore].reshape(images, plan.points, plan.noises, *err.shape[1:])
+        return per_cell.mean(2).to("cpu", F64)
+
+    return average
 
 
 KEPT_COPIES = 3  # a kept per-cell array exists in float64, its scored integrands and the saved float32 form

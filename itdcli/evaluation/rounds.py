@@ -20,7 +20,7 @@ from itdcli.core.proposal import fit_adaptive
 from itdcli.core.units import bits_per_dim
 from itdcli.data import Dataset
 from itdcli.errors import ItdError
-from itdcli.evaluation import engine, scoring, units
+from itdcli.evaluation import cellerrors, engine, scoring, units
 from itdcli.models.base import Denoiser
 
 MIN_ROUND_POINTS = 4  # two strata of two points
@@ -98,7 +98,9 @@ class Run:
 
     def _footprint(self, plan: engine.Plan, index: Tensor) -> engine.Footprint:
         """The memory a round of `plan` over this rank's share of `index` needs."""
-        errors = sum(len(units.PASS_ERRORS[p]) for p, on in (("main", plan.main), ("deq", plan.deq)) if on)
+        errors = sum(
+            cellerrors.columns(units.PASS_ERRORS[p]) for p, on in (("main", plan.main), ("deq", plan.deq)) if on
+        )
         return engine.footprint(plan, len(engine.local_rows(index)), self.dataset.dim, errors)
 
     def _shortfall(self, plan: engine.Plan, index: Tensor, held: int) -> tuple[int, int] | None:
@@ -205,7 +207,7 @@ class Run:
             for p, k in want.items():
                 more, evals = self._evaluate(replace(plans[p], points=k, stream=stream), self.index)
                 self.evals += evals
-                more = more.subset(units.PASS_ERRORS[p])
+                more = more.subset(units.PASS_ERRORS[p].__contains__)
                 curves[p] = more if p not in curves else curves[p].extended(more)
             self.round_count += 1
             scores = self._score(curves, plans)

@@ -13,11 +13,11 @@ from itdcli.core import estimators as est
 from itdcli.core.kinds import Selection
 from itdcli.core.proposal import Proposal
 from itdcli.evaluation import units
+from itdcli.evaluation.cellerrors import Candidate
 from itdcli.evaluation.engine import Curves
 
 EDGE_WINDOW = 0.05  # the outer share of the range's width whose cells give an integrand's value at an end
 WORSE_Z = 3.0  # a bin counts as worse than the reference when the model's mean excess is this many errors
-EXACT = ("gauss", "gauss_deq")  # candidates whose error is an exact expectation, with no noise to control
 CONTROL_BINS = 16
 SELECT_BINS = 32
 MIN_SELECT_BINS = 16
@@ -38,7 +38,7 @@ class Scores:
     estimates: dict[str, est.Estimate] = field(default_factory=dict)
     integrands: dict[str, Tensor] = field(default_factory=dict)
     choice: dict[str, Tensor] = field(default_factory=dict)
-    candidates: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    candidates: dict[str, tuple[Candidate, ...]] = field(default_factory=dict)
     worse: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     missing: dict[str, float] = field(default_factory=dict)
 
@@ -63,16 +63,16 @@ class Rule:
     `control` subtracts the Gaussian denoiser's error on the same noise draw as a control variate.
     """
 
-    candidates: Mapping[str, tuple[str, ...]] | None = None
-    select_means: Mapping[str, Tensor] | None = None
+    candidates: Mapping[str, tuple[Candidate, ...]] | None = None
+    select_means: Mapping[Candidate, Tensor] | None = None
     control: bool = True
     paper_clamp: bool = False
 
-    def names(self, unit: units.Unit, curves: Curves) -> tuple[str, ...]:
+    def names(self, unit: units.Unit, curves: Curves) -> tuple[Candidate, ...]:
         """The recorded candidates of a unit's family under this rule."""
-        own = unit.candidates if self.candidates is None else self.candidates[unit.family]
-        names = (*own, unit.reference) if self.paper_clamp else own
-        return tuple(n for n in names if n in curves.errors)
+        own = tuple(map(Candidate, unit.candidates)) if self.candidates is None else self.candidates[unit.family]
+        names = (*own, Candidate(unit.reference)) if self.paper_clamp else own
+        return tuple(n for n in names if curves.errors.error(n) is not None)
 
 
 def _pick(
@@ -91,8 +91,8 @@ def _pick(
     fold is returned too, for the mean-curve control (else None).
     """
     names = rule.names(unit, curves)
-    stack = torch.stack([curves.errors[n] for n in names])
-    cv = _controls(curves, unit.controls) if rule.control else None
+    stack = candidate_errors(curves, names)
+    cv = curves.errors.controls(unit.controls) if rule.control else None
     cv_bins = _bins(curves, proposal, CONTROL_BINS)
     # 16 to 32 bins, finer with more points per image; never as coarse as the columns of a small round
     select_bins = _bins(curves, proposal, _select_count(curves))
@@ -111,14 +111,19 @@ def _pick(
 
 
 def _corrected(
-    stack: Tensor, names: tuple[str, ...], cv: Tensor | None, weight: Tensor, bins: Tensor, folds: Tensor | None = None
+    stack: Tensor,
+    names: tuple[Candidate, ...],
+    cv: Tensor | None,
+    weight: Tensor,
+    bins: Tensor,
+    folds: Tensor | None = None,
 ) -> Tensor:
     """Each noisy candidate's errors minus its control variates, slopes crossfit over `folds` or else in-sample."""
     if cv is None:
         return stack
     fitted = []
     for name, e in zip(names, stack, strict=True):
-        if name in EXACT:
+        if name.exact:
             fitted.append(e)
         elif folds is None:
             fitted.append(est.control_variate_in_sample(e, cv, weight, bins))
@@ -128,7 +133,7 @@ def _corrected(
 
 
 def _choice(
-    stack: Tensor, names: tuple[str, ...], folds: Tensor, selection: Selection, bins: Tensor, rule: Rule
+    stack: Tensor, names: tuple[Candidate, ...], folds: Tensor, selection: Selection, bins: Tensor, rule: Rule
 ) -> Tensor:
     """Per cell, the chosen candidate: by `selection` over these cells, or by the rule's separate selection means."""
     if rule.select_means is None:
@@ -137,10 +142,10 @@ def _choice(
     return means.argmin(0).expand(stack.shape[1], -1).clone()
 
 
-def _controls(curves: Curves, names: tuple[str, ...]) -> Tensor | None:
-    """A unit's control variates (C, N, J), those of `names` that were recorded, in order."""
-    found = [curves.errors[n] for n in names if n in curves.errors]
-    return torch.stack(found) if found else None
+def candidate_errors(curves: Curves, names: Sequence[Candidate]) -> Tensor:
+    """The per-cell errors of the named candidates, stacked (K, N, J)."""
+    found = [curves.errors.error(n) for n in names]
+    return torch.stack([e for e in found if e is not None])
 
 
 def _curve_control(curves: Curves, proposal: Proposal, folds: Tensor, own: Tensor | None) -> est.CurveControl | None:
@@ -211,7 +216,7 @@ def score(
     out = Scores()
     folds = est.crossfit_folds(len(curves.index), 2, torch.Generator().manual_seed(seed + 1))
     errors = curves.errors
-    cells = units.Cells(curves.logsnr, errors.get("gauss"), inp.ref.mmse(curves.logsnr))
+    cells = units.Cells(curves.logsnr, errors.gauss, inp.ref.mmse(curves.logsnr))
     picked: dict[str, tuple[Tensor, Tensor | None]] = {}
     for unit in units.units(names):
         if unit.discrete_only and not inp.levels:
@@ -229,9 +234,10 @@ def score(
         name = unit.name + ("_paper_clamp" if rule.paper_clamp else "")
         out.estimates[name] = gap.shifted(unit.value(gap.per_image, inp))
         out.integrands[name] = integrand
-        if unit.reference in errors and rule.candidates is None and not rule.paper_clamp:
+        reference = errors.error(Candidate(unit.reference))
+        if reference is not None and rule.candidates is None and not rule.paper_clamp:
             bins = _bins(curves, proposal, MIN_SELECT_BINS)
-            out.worse[name] = _worse(e - errors[unit.reference], bins, proposal, MIN_SELECT_BINS)
+            out.worse[name] = _worse(e - reference, bins, proposal, MIN_SELECT_BINS)
         if unit.decoder == "identity" and (not inp.levels or unit.family == "dequantized"):
             missing = _missing_above(e, curves.logsnr, proposal, inp.ref.dim)
             out.missing[name] = missing / (inp.ref.dim * math.log(2))

@@ -18,12 +18,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from itdcli.core import controls, tails
+from itdcli.core import tails
 from itdcli.core.gaussian import GaussianReference
 from itdcli.evaluation import likelihoods
+from itdcli.evaluation.cellerrors import Control, Projection, Reference
 
 F64 = torch.float64
-Kind = Literal["model", "round", "deq"]
 Decoder = Literal["identity", "rounding"]
 
 
@@ -78,10 +78,10 @@ class Unit:
 
     name: str
     family: str  # units of one family share the candidates and the per-bin choice
-    kinds: frozenset[Kind]
-    candidates: tuple[str, ...]  # the model's own projections; the first is used alone under selection "none"
-    reference: str  # the Gaussian's exact error on the same cells, for the comparison with N(μ, Σ)
-    controls: tuple[str, ...]  # mean-zero control variates, in order of use: the Gaussian's error, then moments
+    kinds: frozenset[Projection]
+    candidates: tuple[Projection, ...]  # the model's own projections; the first is used alone under selection "none"
+    reference: Reference  # the Gaussian's exact error on the same cells, for the comparison with N(μ, Σ)
+    controls: tuple[Control, ...]  # mean-zero control variates, in order of use: the Gaussian's error, then moments
     discrete_only: bool
     form: Form  # integrand in nats per unit logSNR, from the chosen error
     sign: float
@@ -139,10 +139,13 @@ def _need(t: Tensor | None) -> Tensor:
     return t
 
 
-MAIN_CONTROLS = ("cv", *controls.NAMES)
-DEQ_CONTROLS = ("cv_deq", *controls.DEQ_NAMES, *controls.NAMES)
+MAIN_CONTROLS: tuple[Control, ...] = ("cv", "moments")
+DEQ_CONTROLS: tuple[Control, ...] = ("cv_deq", "deq_moments", "moments")
 # What each pass of the network (on x, on dequantized x) records: its projections, the Gaussian's errors, controls
-PASS_ERRORS = {"main": ("gauss", "model", "round", *MAIN_CONTROLS), "deq": ("deq", "gauss_deq", *DEQ_CONTROLS)}
+PASS_ERRORS: dict[str, tuple[str, ...]] = {
+    "main": ("gauss", "model", "round", *MAIN_CONTROLS),
+    "deq": ("deq", "gauss_deq", *DEQ_CONTROLS),
+}
 
 UNITS: dict[str, Unit] = {
     u.name: u
@@ -232,9 +235,9 @@ def units(names: list[str]) -> list[Unit]:
     return [UNITS[n] for n in names if n in UNITS]
 
 
-def kinds(names: list[str]) -> frozenset[Kind]:
+def kinds(names: list[str]) -> frozenset[Projection]:
     """The union of the error kinds the named estimators need."""
-    out: frozenset[Kind] = frozenset()
+    out: frozenset[Projection] = frozenset()
     for u in units(names):
         out |= u.kinds
     return out
