@@ -6,7 +6,11 @@ pilot proposal, and itd's default (stratified + adaptive + control variates). Fr
 it derives the share of the paper's 1,000-point evaluations (3 forwards per point) that reaches the paper's
 standard error: share = (SE² · evals per image) / (SE_paper,1000² · 3,000), with SE_paper,1000 extrapolated
 from the i.i.d. run as SE_iid · √(J/1000). Prints a table, writes benchmarks/out/efficiency.json and
-efficiency.png. Run: python benchmarks/efficiency.py [--limit N] [--points 8 32] [--model digits]
+efficiency.png. With --seeds K it then runs to the target (--target, default ±0.005 bits/dim) for seeds
+0..K−1 and prints the network evaluations per image each of three runs takes: the default (the model's own
+bound), the same with --paper-clamp (the paper's clamp, an ensemble with N(μ, Σ)) and --discrete alone; written
+to efficiency_target.json.
+Run: python benchmarks/efficiency.py [--limit N] [--points 8 32] [--model digits] [--seeds 8]
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
 }
 ESTIMATORS = ("continuous", "discrete", "dequantized")
 PAPER_POINTS, PAPER_FORWARDS = 1000, 3
+TO_TARGET: dict[str, dict[str, Any]] = {
+    "default (own bound)": {},
+    "--paper-clamp": {"paper_clamp": True},
+    "--discrete": {"estimator": "discrete"},
+}
 
 
 def measure(model: str, data: str, points: int, limit: int | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +53,25 @@ def measure(model: str, data: str, points: int, limit: int | None, options: dict
     }
 
 
+def to_target(model: str, data: str, limit: int | None, seeds: int, target: float) -> list[dict[str, Any]]:
+    """Per run kind, the evaluations per image (and the largest reported SE) to reach the target in bits/dim."""
+    rows = []
+    for name, options in TO_TARGET.items():
+        runs = [
+            itdcli.nll(data, model, limit=limit, save=False, seed=s, target_stderr=target, **options)
+            for s in range(seeds)
+        ]
+        evals = [r.evals_per_image for r in runs]
+        worst = max(e.stderr_bpd for r in runs for e in r.estimates.values())
+        rows.append({"run": name, "evals": evals, "mean": sum(evals) / len(evals), "largest_se": worst})
+    print(f"\n{f'to ±{target}, seeds 0-{seeds - 1}':<22} {'mean':>6} {'min':>6} {'max':>6} {'largest SE':>11}")
+    for r in rows:
+        print(
+            f"{r['run']:<22} {r['mean']:>6.1f} {min(r['evals']):>6.1f} {max(r['evals']):>6.1f} {r['largest_se']:>11.4f}"
+        )
+    return rows
+
+
 def main() -> None:
     """Table: technique, points, evaluations per image, SE per estimator and the share of the paper's evaluations."""
     parser = argparse.ArgumentParser()
@@ -51,6 +79,8 @@ def main() -> None:
     parser.add_argument("--data", default="digits_test")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--points", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--seeds", type=int, default=0, help="seeds of the runs to the target (0: none)")
+    parser.add_argument("--target", type=float, default=0.005, help="the runs' target standard error, bits/dim")
     args = parser.parse_args()
     rows = [
         {"technique": name, **measure(args.model, args.data, j, args.limit, opts)}
@@ -72,6 +102,9 @@ def main() -> None:
     out = out_dir()
     (out / "efficiency.json").write_text(json.dumps({"paper_se_1000": paper, "rows": rows}, indent=2) + "\n")
     _figure(rows, out / "efficiency.png")
+    if args.seeds:
+        target = to_target(args.model, args.data, args.limit, args.seeds, args.target)
+        (out / "efficiency_target.json").write_text(json.dumps(target, indent=2) + "\n")
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:

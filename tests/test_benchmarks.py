@@ -19,7 +19,12 @@ RUNS = [
     ("batch.py", ["--sizes", "8", "--total", "64", "--rounds", "1"], "batch", "batch.json"),
     ("nll.py", ["--points", "4", "--limit", "8", "--repeats", "1"], "points/s", "nll.json"),
     ("precision.py", ["--images", "8"], "logSNR", "precision.json"),
-    ("efficiency.py", ["--limit", "16", "--points", "8"], "technique", "efficiency.json"),
+    (
+        "efficiency.py",
+        ["--limit", "16", "--points", "8", "--seeds", "1", "--target", "0.1"],
+        "paper-clamp",
+        "efficiency_target.json",
+    ),
     ("vlb.py", ["--limit", "4"], "vlb full loop", "vlb.json"),
     ("throughput.py", ["--reps", "1", "--warmup", "0", "--batch", "2", "--matrix", "64"], "fp32", "throughput.json"),
     ("noise_floor.py", ["--grid", "4", "--draws", "2"], "J for 0.005", "noise_floor.json"),
