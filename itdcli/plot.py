@@ -11,7 +11,12 @@ from torch import Tensor
 from itdcli.core.gaussian import mmse_gaussian
 from itdcli.evaluation.cellerrors import Projection
 
-CURVE_KINDS: dict[Projection, str] = {"model": "", "round": " (rounded)", "deq": " (dequantized)"}
+CURVE_KINDS: dict[Projection, str] = {
+    "model": "",
+    "round": " (rounded)",
+    "deq": " (dequantized)",
+    "deq_cell": " (dequantized, cell posterior)",
+}
 CLAMPED = " (clamped to [−1, 1])"
 
 

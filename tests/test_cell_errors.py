@@ -35,7 +35,7 @@ def curves() -> engine.Curves:
 def test_every_field_the_units_need_is_recorded_with_its_shape(curves: engine.Curves) -> None:
     e = curves.errors
     own = e.members[""]
-    for t in (own.model, own.round, own.deq, e.gauss, e.gauss_deq, e.cv, e.cv_deq):
+    for t in (own.model, own.round, own.deq, own.deq_cell, e.gauss, e.gauss_deq, e.cv, e.cv_deq):
         assert t is not None and t.shape == (IMAGES, POINTS) and t.dtype == torch.float64
     assert e.moments is not None and e.moments.shape == (IMAGES, POINTS, len(controls.NAMES))
     assert e.deq_moments is not None and e.deq_moments.shape == (IMAGES, POINTS, len(controls.DEQ_NAMES))
@@ -72,7 +72,18 @@ def test_saved_form_is_the_documented_columns_and_reads_back_unchanged(curves: e
     path = tmp_path / "arrays.safetensors"
     save_file(curves.to_arrays(), str(path))
     saved = load_file(str(path))
-    names = {"model", "round", "deq", "gauss", "gauss_deq", "cv", "cv_deq", *controls.NAMES, *controls.DEQ_NAMES}
+    names = {
+        "model",
+        "round",
+        "deq",
+        "deq_cell",
+        "gauss",
+        "gauss_deq",
+        "cv",
+        "cv_deq",
+        *controls.NAMES,
+        *controls.DEQ_NAMES,
+    }
     assert {k for k in saved if k.startswith("mse/")} == {f"mse/{n}" for n in names}
     e = curves.errors
     assert e.moments is not None and e.members[""].round is not None
@@ -91,7 +102,7 @@ def test_a_saved_run_reads_back_into_its_fields(itd_home: Path) -> None:
     back = CellErrors.from_arrays(saved)
     assert back.members[""].round is not None and torch.equal(back.members[""].round, saved["mse/round"].double())
     assert back.deq_moments is not None and back.deq_moments.shape == (12, 8, len(controls.DEQ_NAMES))
-    assert set(back.recorded()) >= {"model", "round", "deq", "gauss", "cv", "moments", "deq_moments"}
+    assert set(back.recorded()) >= {"model", "round", "deq", "deq_cell", "gauss", "cv", "moments", "deq_moments"}
 
 
 def test_joining_rounds_and_images_inverts_splitting(curves: engine.Curves) -> None:
@@ -108,7 +119,7 @@ def test_only_keeps_the_named_fields(curves: engine.Curves) -> None:
     main = curves.subset(units.PASS_ERRORS["main"].__contains__).errors
     assert set(main.recorded()) == {"gauss", "model", "round", "cv", "moments"}
     deq = curves.subset(units.PASS_ERRORS["deq"].__contains__).errors
-    assert set(deq.recorded()) == {"deq", "gauss_deq", "cv_deq", "deq_moments", "moments"}
+    assert set(deq.recorded()) == {"deq", "deq_cell", "gauss_deq", "cv_deq", "deq_moments", "moments"}
 
 
 def test_an_ensemble_holds_each_members_projections_and_one_set_of_shared_fields(curves: engine.Curves) -> None:
@@ -120,7 +131,8 @@ def test_an_ensemble_holds_each_members_projections_and_one_set_of_shared_fields
     assert both.error(Candidate("round")) is None  # no unlabelled model in an ensemble
     assert both.gauss is e.gauss  # shared: the first run's
     keys = [c.key for c, _ in both.candidates()]
-    assert keys == ["a/model", "a/round", "a/deq", "b/model", "b/round", "b/deq", "gauss", "gauss_deq"]
+    mine = ["model", "round", "deq", "deq_cell"]
+    assert keys == [f"a/{k}" for k in mine] + [f"b/{k}" for k in mine] + ["gauss", "gauss_deq"]
     with pytest.raises(ValueError, match="one-model"):
         both.to_arrays()
 
@@ -128,5 +140,16 @@ def test_an_ensemble_holds_each_members_projections_and_one_set_of_shared_fields
 def _tensors(e: CellErrors) -> list[torch.Tensor]:
     """Every recorded tensor, in a fixed order."""
     own: Projections = e.members[""]
-    found = [own.model, own.round, own.deq, e.gauss, e.gauss_deq, e.cv, e.cv_deq, e.moments, e.deq_moments]
+    found = [
+        own.model,
+        own.round,
+        own.deq,
+        own.deq_cell,
+        e.gauss,
+        e.gauss_deq,
+        e.cv,
+        e.cv_deq,
+        e.moments,
+        e.deq_moments,
+    ]
     return [t for t in found if t is not None]

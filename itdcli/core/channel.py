@@ -46,6 +46,36 @@ def mse_clamped(resid: Tensor, x: Tensor, logsnr: Tensor, lo: float = -1.0, hi: 
     return _sum_sample(torch.clamp(resid.to(torch.float64), scale * (lo - x64), scale * (hi - x64)) ** 2)
 
 
+def mse_cell(resid: Tensor, eps: Tensor, x: Tensor, logsnr: Tensor, levels: int) -> Tensor:
+    """ε-error of E[x | z] for x uniform on the grid cell of x̂'s nearest level: (ε + M(α, β))² (docs/math.md).
+
+    For dequantized data x̃ = x + δ(u − ½): with k̂ the level nearest x̂, z/a_γ is N(x̃, e^{−γ}) and the cell is
+    [c − δ/2, c + δ/2], c = −1 + k̂δ, so the posterior is a normal truncated to it, with standardized ends
+    α, β = e^{γ/2}(c ∓ δ/2 − x̃) − ε and mean offset M = (φ(α) − φ(β))/(Φ(β) − Φ(α)) in units of e^{−γ/2}.
+    """
+    g = _per_sample(logsnr, resid).to(torch.float64)
+    scale = torch.exp(g / 2)
+    x64, e64 = x.to(torch.float64), eps.to(torch.float64)
+    delta = 2.0 / (levels - 1)
+    x_hat = x64 + resid.to(torch.float64) / scale
+    centre = -1 + torch.clamp(torch.round((x_hat + 1) / delta), 0, levels - 1) * delta
+    low = scale * (centre - delta / 2 - x64) - e64
+    high = scale * (centre + delta / 2 - x64) - e64
+    return _sum_sample((e64 + truncated_normal_mean(low, high)) ** 2)
+
+
+def truncated_normal_mean(low: Tensor, high: Tensor) -> Tensor:
+    """Mean of N(0, 1) truncated to [low, high], (φ(low) − φ(high))/(Φ(high) − Φ(low)), stable in either tail."""
+    flip = low + high > 0  # reflect so that the interval sits on the left, where Φ has relative precision
+    a = torch.where(flip, -high, low)
+    b = torch.where(flip, -low, high)
+    log_b = torch.special.log_ndtr(b)
+    log_mass = log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
+    mean = torch.exp(-0.5 * a**2 - log_mass) - torch.exp(-0.5 * b**2 - log_mass)
+    mean = mean / (2 * torch.pi) ** 0.5
+    return torch.where(flip, -mean, mean).clamp(low, high)
+
+
 def _bin_offset(resid: Tensor, logsnr: Tensor, levels: int) -> Tensor:
     """Offset of x̂ from x in bins, r = e^{−γ/2} u / δ with δ = 2/(L−1)."""
     g = _per_sample(logsnr, resid).to(torch.float64)

@@ -18,7 +18,7 @@ from torch import Tensor
 from itdcli.core import controls
 
 F64 = torch.float64
-Projection = Literal["model", "round", "deq"]  # the model's clamped (or raw), rounded and dequantized errors
+Projection = Literal["model", "round", "deq", "deq_cell"]  # clamped (or raw), rounded; on x̃ clamped, cell posterior
 Reference = Literal["gauss", "gauss_deq"]  # the Gaussian denoiser's exact pointwise error at x and at x̃
 Control = Literal["cv", "cv_deq", "moments", "deq_moments"]  # mean zero for every x and γ (docs/math.md)
 PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
@@ -48,19 +48,21 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Projections:
-    """One denoiser's ε-unit errors per cell: clamped (raw on float data), rounded, and on dequantized x̃."""
+    """One denoiser's ε-unit errors per cell: on x clamped (raw on float data) and rounded; on x̃ clamped and
+    refined to the posterior mean within the grid cell of its nearest level."""
 
     model: Tensor | None = None
     round: Tensor | None = None
     deq: Tensor | None = None
+    deq_cell: Tensor | None = None
 
     def get(self, kind: Projection) -> Tensor | None:
         """The error of one projection, None when it was not recorded."""
-        return {"model": self.model, "round": self.round, "deq": self.deq}[kind]
+        return {"model": self.model, "round": self.round, "deq": self.deq, "deq_cell": self.deq_cell}[kind]
 
     def map(self, f: Callable[[Tensor], Tensor]) -> Projections:
         """`f` applied to every recorded error."""
-        return Projections(*(None if t is None else f(t) for t in (self.model, self.round, self.deq)))
+        return Projections(*(None if (t := self.get(k)) is None else f(t) for k in PROJECTIONS))
 
 
 @dataclass(frozen=True)

@@ -258,9 +258,12 @@ def _errors_for(runner: _Runner, cells: _Cells, data: Dataset, ref: GaussianRefe
         y_deq = ref.whiten(x_deq)
         gauss_deq = ref.mmse_pointwise(y_deq, g)
         low, high = _bound_pixels(cells, levels)
+        deq = channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half)
         out = replace(
             out,
-            members={"": replace(out.members[""], deq=channel.mse_clamped(resid_deq, x_deq, g, -1 - half, 1 + half))},
+            members={
+                "": replace(out.members[""], deq=deq, deq_cell=channel.mse_cell(resid_deq, eps, x_deq, g, levels))
+            },
             gauss_deq=gauss_deq,
             cv_deq=ref.error_draw(y_deq, eta, g) - gauss_deq,
             deq_moments=controls.dequantization_moments(cells.deq, eps, g, 2 * half, low, high),

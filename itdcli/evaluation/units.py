@@ -144,7 +144,7 @@ DEQ_CONTROLS: tuple[Control, ...] = ("cv_deq", "deq_moments", "moments")
 # What each pass of the network (on x, on dequantized x) records: its projections, the Gaussian's errors, controls
 PASS_ERRORS: dict[str, tuple[str, ...]] = {
     "main": ("gauss", "model", "round", *MAIN_CONTROLS),
-    "deq": ("deq", "gauss_deq", *DEQ_CONTROLS),
+    "deq": ("deq", "deq_cell", "gauss_deq", *DEQ_CONTROLS),
 }
 
 UNITS: dict[str, Unit] = {
@@ -199,7 +199,7 @@ UNITS: dict[str, Unit] = {
             "dequantized",
             "dequantized",
             frozenset({"deq"}),
-            ("deq",),
+            ("deq", "deq_cell"),
             "gauss_deq",
             DEQ_CONTROLS,
             True,

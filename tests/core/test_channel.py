@@ -86,3 +86,39 @@ def test_residual_forms_stay_accurate_at_high_logsnr() -> None:
     x = torch.rand(4, 3072, generator=gen, dtype=F64) * 1.8 - 0.9
     u = 0.01 * torch.randn(4, 3072, generator=gen, dtype=F64)
     torch.testing.assert_close(channel.mse_clamped(u, x, g), (u**2).sum(1))
+
+
+def test_truncated_normal_mean_matches_scipy_in_both_tails_and_on_narrow_intervals() -> None:
+    from scipy.stats import truncnorm
+
+    low = torch.tensor([-1.0, -40.0, 30.0, -0.01, 5.0, -8.0, -3.0, 2.0, -0.5], dtype=torch.float64)
+    high = torch.tensor([1.0, -39.5, 30.2, 0.02, 5.001, 9.0, -2.9999, 40.0, 0.5], dtype=torch.float64)
+    got = channel.truncated_normal_mean(low, high)
+    want = torch.tensor([truncnorm.mean(a, b) for a, b in zip(low.tolist(), high.tolist(), strict=True)])
+    assert torch.allclose(got, want.to(torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_cell_posterior_error_matches_a_brute_force_posterior_mean() -> None:
+    """E[x | z] for x uniform on the cell of x̂'s nearest level, by quadrature over the cell, against mse_cell."""
+    import math
+
+    levels, delta = 17, 2 / 16
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randint(0, levels, (40, 1), generator=gen)
+    x = -1 + k * delta + delta * (torch.rand((40, 1), generator=gen, dtype=torch.float64) - 0.5)  # dequantized
+    eps = torch.randn((40, 1), generator=gen, dtype=torch.float64)
+    g = torch.linspace(-2.0, 12.0, 40, dtype=torch.float64)
+    guess = torch.randint(-1, 2, (40, 1), generator=gen)  # the model's x̂ lands in the true cell or a neighbour
+    x_hat = (-1 + (k + guess).clamp(0, levels - 1) * delta) + 0.3 * delta * torch.randn((40, 1), generator=gen)
+    resid = torch.exp(g / 2)[:, None] * (x_hat - x)  # u = ε − ε̂ = e^{γ/2}(x̂ − x)
+    got = channel.mse_cell(resid, eps, x, g, levels)
+    for i in range(40):
+        c = -1 + round((float(x_hat[i, 0]) + 1) / delta) * delta
+        c = min(max(c, -1.0), 1.0)
+        grid = torch.linspace(c - delta / 2, c + delta / 2, 200_001, dtype=torch.float64)
+        obs = float(x[i, 0]) + math.exp(-float(g[i]) / 2) * float(eps[i, 0])  # z/a
+        logw = -0.5 * math.exp(float(g[i])) * (grid - obs) ** 2
+        w = torch.exp(logw - logw.max())
+        mean = float((w * grid).sum() / w.sum())
+        want = math.exp(float(g[i])) * (mean - float(x[i, 0])) ** 2
+        assert abs(float(got[i]) - want) <= 1e-4 * max(1.0, want), (i, float(got[i]), want)
