@@ -70,7 +70,8 @@ class Rule:
 
     def names(self, unit: units.Unit, curves: Curves) -> tuple[Candidate, ...]:
         """The recorded candidates of a unit's family under this rule."""
-        own = tuple(map(Candidate, unit.candidates)) if self.candidates is None else self.candidates[unit.family]
+        kinds = unit.paper if self.paper_clamp and unit.paper is not None else unit.candidates
+        own = tuple(map(Candidate, kinds)) if self.candidates is None else self.candidates[unit.family]
         names = (*own, Candidate(unit.reference)) if self.paper_clamp else own
         return tuple(n for n in names if curves.errors.error(n) is not None)
 

@@ -89,6 +89,7 @@ class Unit:
     left: Term
     right: Term
     decoder: Decoder  # the model-free decoder above γ_R, which sets the top of the range
+    paper: tuple[Projection, ...] | None = None  # the projections --paper-clamp switches among, when not `candidates`
 
     def value(self, integral: Tensor, inp: Inputs) -> Tensor:
         """Per-image nats from the per-image integral of `form`."""
@@ -209,6 +210,7 @@ UNITS: dict[str, Unit] = {
             _left_c1_deq,
             _identity,
             "identity",
+            ("deq",),  # the paper has no cell refinement
         ),
     )
 }
