@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -34,7 +34,6 @@ from itdcli.core.units import bits_per_dim
 from itdcli.errors import ItdError
 from itdcli.evaluation import likelihoods, rounds, scoring, units
 
-EstimatorChoice = Literal["continuous", "discrete", "dequantized", "all"]
 FLOAT32_LOGSNR_LIMIT = 30.0
 STANDARD_NORMAL = "standard-normal"
 DEFAULT_TARGET_STDERR = 0.005

@@ -7,6 +7,13 @@ import typer
 from itdcli.api.options import default
 from itdcli.cli import _options as o
 from itdcli.cli._render import err_console, print_nll, progress_bar
+from itdcli.core.kinds import ESTIMATOR_HELP
+
+
+def _estimators() -> str:
+    """The --estimator choices for the help, from the registry in core/kinds.py."""
+    named = [f"{name} ({gloss})" if gloss else name for name, gloss in ESTIMATOR_HELP.items()]
+    return ", ".join(named[:-1]) + " or " + named[-1]
 
 
 def nll_command(
@@ -22,8 +29,7 @@ def nll_command(
     estimator: Annotated[
         str | None,
         typer.Option(
-            help="continuous, discrete, dequantized, vlb (variational bound), ode (probability-flow ODE), immse "
-            "(every I-MMSE one) or all (default: discrete and dequantized on integer data)."
+            help=f"{_estimators()} (default: discrete and dequantized on integer data)."
         ),
     ] = None,
     points: o.BudgetOpt = None,

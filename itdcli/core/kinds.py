@@ -14,5 +14,15 @@ ProposalKind = Literal["logistic", "uniform", "adaptive"]
 PrecisionName = Literal["auto", "fp32", "policy", "bf16"]
 Rounding = Literal["soft", "hard"]
 EstimatorChoice = Literal["continuous", "discrete", "dequantized", "vlb", "ode", "immse", "all"]
+# What --estimator offers, in the order of its help, with a gloss where the name alone does not say it
+ESTIMATOR_HELP: dict[str, str] = {
+    "continuous": "",
+    "discrete": "",
+    "dequantized": "",
+    "vlb": "variational bound",
+    "ode": "probability-flow ODE",
+    "immse": "every I-MMSE one",
+    "all": "",
+}
 VarianceKind = Literal["learned_range", "fixed_large", "fixed_small"]  # a discrete-time model's p(x_{t−1}|x_t)
 TimeMapName = Literal["exact", "reference"]

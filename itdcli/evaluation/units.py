@@ -4,7 +4,8 @@ A unit's value per image is  exact(x) + sign·∫_{γ_L}^{γ_R} f(err) dγ + lef
 per-cell error of the model's projection chosen per logSNR bin among `candidates`, and the tails are the
 closed-form contributions of the model-free decoders outside the range (the Gaussian's linear denoiser below
 γ_L; the identity or hard rounding of z/a above γ_R). The engine records the union of the units' `kinds`.
-Adding an estimator is one entry in `UNITS`.
+Adding an estimator is one entry in `UNITS` (or `SOLVERS`, with its routine in `likelihoods.py`) and its name in
+`core/kinds.py` (`EstimatorChoice`, `ESTIMATOR_HELP`, which feeds `--estimator`'s help).
 """
 
 from __future__ import annotations

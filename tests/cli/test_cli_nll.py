@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,24 @@ def test_overwrite_never_deletes_what_itd_did_not_write(capsys: pytest.CaptureFi
     assert (user / "thesis.tex").read_text() == "x\n"
     code, _, err = run(["nll", "digits_test", *FAST, "--out", str(tmp_path), "--overwrite"], capsys)
     assert code == 2 and "userdir" in err and (user / "thesis.tex").exists()
+
+
+def test_estimator_help_and_choices_come_from_one_registry_that_names_every_estimator() -> None:
+    """Adding an estimator is its UNITS or SOLVERS entry and its name in core/kinds.py; the help follows."""
+    from typing import get_args
+
+    from itdcli.core.kinds import ESTIMATOR_HELP, EstimatorChoice
+    from itdcli.evaluation.units import SOLVERS, UNITS
+
+    assert list(get_args(EstimatorChoice)) == list(ESTIMATOR_HELP)
+    public = {n for n in UNITS if n != "continuous_pointwise"} | set(SOLVERS)  # the pointwise form rides along
+    assert public | {"immse", "all"} == set(ESTIMATOR_HELP)
+    proc = subprocess.run(
+        [sys.executable, "-m", "itdcli", "nll", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+    for name in ESTIMATOR_HELP:
+        assert name in proc.stdout
