@@ -28,9 +28,7 @@ def nll_command(
     discrete: Annotated[bool, typer.Option("--discrete", help="Report the discrete −log P(x) estimate.")] = False,
     estimator: Annotated[
         str | None,
-        typer.Option(
-            help=f"{_estimators()} (default: discrete and dequantized on integer data)."
-        ),
+        typer.Option(help=f"{_estimators()} (default: discrete and dequantized on integer data)."),
     ] = None,
     points: o.BudgetOpt = None,
     target_stderr: Annotated[
