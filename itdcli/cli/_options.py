@@ -5,12 +5,14 @@ from typing import Annotated
 
 import typer
 
+from itdcli.core.kinds import MODEL_NAMES
+
 ModelOpt = Annotated[
     str,
     typer.Option(
         "--model",
         "-m",
-        help="Model: gaussian, iddpm, iddpm-hybrid, ddpm, a checkpoint path or folder, or module.path:attribute.",
+        help=f"Model: {', '.join(MODEL_NAMES)}, a checkpoint path or folder, or module.path:attribute.",
     ),
 ]
 ReferenceOpt = Annotated[

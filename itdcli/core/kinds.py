@@ -26,3 +26,5 @@ ESTIMATOR_HELP: dict[str, str] = {
 }
 VarianceKind = Literal["learned_range", "fixed_large", "fixed_small"]  # a discrete-time model's p(x_{t−1}|x_t)
 TimeMapName = Literal["exact", "reference"]
+# The registered model names (`REGISTRY` in models/registry.py), in the order of --model's help
+MODEL_NAMES = ("gaussian", "digits", "iddpm", "iddpm-hybrid", "ddpm")

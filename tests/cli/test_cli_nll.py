@@ -127,5 +127,21 @@ def test_estimator_help_and_choices_come_from_one_registry_that_names_every_esti
         check=True,
         env={**os.environ, "COLUMNS": "400"},
     )
-    for name in ESTIMATOR_HELP:
-        assert name in proc.stdout
+    flat = "".join(proc.stdout.replace("│", " ").split())
+    assert all(name in flat for name in ESTIMATOR_HELP)
+
+
+def test_model_help_names_every_registered_model() -> None:
+    from itdcli.core.kinds import MODEL_NAMES
+    from itdcli.models.registry import REGISTRY
+
+    assert set(MODEL_NAMES) == set(REGISTRY)
+    proc = subprocess.run(
+        [sys.executable, "-m", "itdcli", "nll", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+    flat = "".join(proc.stdout.replace("│", " ").split())  # the help wraps at hyphens
+    assert all(name in flat for name in MODEL_NAMES)
