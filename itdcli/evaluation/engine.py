@@ -97,8 +97,8 @@ class Curves:
 
     def rows(self, rows: Tensor) -> Curves:
         """The curves of the images `rows` only."""
-        pick = lambda t: t[rows]  # noqa: E731
-        return Curves(self.index[rows], self.logsnr[rows], self.weight[rows], self.errors.map(pick), self.groups)
+        errors = self.errors.map(lambda t: t[rows])
+        return Curves(self.index[rows], self.logsnr[rows], self.weight[rows], errors, self.groups)
 
     def extended(self, more: Curves) -> Curves:
         """These points followed by another round's for the same images; the new round's groups come after."""
