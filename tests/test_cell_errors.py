@@ -129,6 +129,10 @@ def test_an_ensemble_holds_each_members_projections_and_one_set_of_shared_fields
     assert torch.equal(both.error(Candidate("round", "b")), other.members[""].round)  # type: ignore[arg-type]
     assert torch.equal(both.error(Candidate("round", "a")), e.members[""].round)  # type: ignore[arg-type]
     assert both.error(Candidate("round")) is None  # no unlabelled model in an ensemble
+    stacked = both.stack([Candidate("round", "b"), Candidate("gauss")])
+    assert torch.equal(stacked[0], other.members[""].round) and torch.equal(stacked[1], e.gauss)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="every field asked for"):
+        both.stack([Candidate("round"), Candidate("gauss")])  # never silently one short of the choice's indices
     assert both.gauss is e.gauss  # shared: the first run's
     keys = [c.key for c, _ in both.candidates()]
     mine = ["model", "round", "deq", "deq_cell"]

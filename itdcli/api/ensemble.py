@@ -220,11 +220,10 @@ def _selection(
 def _chosen(curves: Any, scores: Any) -> dict[str, torch.Tensor]:
     """The chosen candidate's error in every scored cell, per estimator, plus the cells' logSNR."""
     from itdcli.core import estimators as est
-    from itdcli.evaluation.scoring import candidate_errors
 
     out = {"logsnr": curves.logsnr}
     for kind, choice in scores.choice.items():
-        out[kind] = est.chosen(candidate_errors(curves, scores.candidates[kind]), choice)
+        out[kind] = est.chosen(curves.errors.stack(scores.candidates[kind]), choice)
     return out
 
 

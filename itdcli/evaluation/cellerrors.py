@@ -17,7 +17,6 @@ from torch import Tensor
 
 from itdcli.core import controls
 
-F64 = torch.float64
 Projection = Literal["model", "round", "deq", "deq_cell"]  # clamped (or raw), rounded; on x̃ clamped, cell posterior
 Reference = Literal["gauss", "gauss_deq"]  # the Gaussian denoiser's exact pointwise error at x and at x̃
 Control = Literal["cv", "cv_deq", "moments", "deq_moments"]  # mean zero for every x and γ (docs/math.md)
@@ -83,6 +82,10 @@ class CellErrors:
             return self.gauss if c.kind == "gauss" else self.gauss_deq
         own = self.members.get(c.member)
         return None if own is None else own.get(c.kind)
+
+    def stack(self, names: Sequence[Candidate]) -> Tensor:
+        """The per-cell errors of the named candidates, stacked (K, N, J) in their order; each must be recorded."""
+        return torch.stack([_need(self.error(c)) for c in names])
 
     def candidates(self) -> Iterator[tuple[Candidate, Tensor]]:
         """Every recorded candidate with its error: each member's projections, then the Gaussian's."""
@@ -181,9 +184,9 @@ def _cat_projections(parts: Sequence[Projections], dim: int) -> Projections:
 
 
 def _need(t: Tensor | None) -> Tensor:
-    """A field every part must have recorded."""
+    """A field that must have been recorded (by every part joined, or for every candidate stacked)."""
     if t is None:
-        raise ValueError("parts joined into one set of errors must record the same fields")
+        raise ValueError("the errors do not record every field asked for: parts joined must record the same fields")
     return t
 
 

@@ -92,7 +92,7 @@ def _pick(
     fold is returned too, for the mean-curve control (else None).
     """
     names = rule.names(unit, curves)
-    stack = candidate_errors(curves, names)
+    stack = curves.errors.stack(names)
     cv = curves.errors.controls(unit.controls) if rule.control else None
     cv_bins = _bins(curves, proposal, CONTROL_BINS)
     # 16 to 32 bins, finer with more points per image; never as coarse as the columns of a small round
@@ -141,12 +141,6 @@ def _choice(
         return est.choose(stack, folds, selection, bins)
     means = torch.stack([rule.select_means[n] for n in names])
     return means.argmin(0).expand(stack.shape[1], -1).clone()
-
-
-def candidate_errors(curves: Curves, names: Sequence[Candidate]) -> Tensor:
-    """The per-cell errors of the named candidates, stacked (K, N, J)."""
-    found = [curves.errors.error(n) for n in names]
-    return torch.stack([e for e in found if e is not None])
 
 
 def _curve_control(curves: Curves, proposal: Proposal, folds: Tensor, own: Tensor | None) -> est.CurveControl | None:
